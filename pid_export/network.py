@@ -1,0 +1,468 @@
+"""The PiD decoder network (SPEC sec. 3), written for export.
+
+Read top to bottom: building blocks, the LQ (latent) branch, the patch blocks,
+the pixel blocks, then `PidNet`. Module names match the released checkpoint keys.
+
+Export rules followed throughout:
+- static control flow; every shape-dependent table (RoPE, pixel positions, NTK
+  factors) is computed from the input's runtime shape, never at trace time;
+- patchify / unpatchify are reshapes and transposes (no unfold/fold);
+- mixed precision by parameter dtype: a layer casts its input to its own weight
+  dtype, so casting a submodule's parameters to fp16/bf16 (see `precision.py`)
+  gives a strongly typed graph. Numerically sensitive math (norm statistics,
+  RoPE, the timestep embedding, the gate's sigma term) always runs in float32.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import PidConfig
+
+# ---------------------------------------------------------------------------
+# Building blocks
+
+
+class Linear(nn.Linear):
+    """nn.Linear that runs in its weight's dtype (the input is cast to it)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x.to(self.weight.dtype), self.weight, self.bias)
+
+
+class Conv2d(nn.Conv2d):
+    def forward(self, x: Tensor) -> Tensor:
+        return super().forward(x.to(self.weight.dtype))
+
+
+class GroupNorm(nn.GroupNorm):
+    """GroupNorm with float32 statistics whatever the parameter dtype."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = F.group_norm(x.float(), self.num_groups, self.weight.float(), self.bias.float(), self.eps)
+        return out.to(x.dtype)
+
+
+class RMSNorm(nn.Module):
+    """w * x / sqrt(mean(x^2) + eps); statistics in float32, weight applied in x's dtype."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return normed.to(x.dtype) * self.weight.to(x.dtype)
+
+
+def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
+    return x * (1 + scale) + shift
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """Softmax attention, [B, heads, S, D] -> [B, heads, S, D], one fusable op."""
+    return F.scaled_dot_product_attention(q, k, v)
+
+
+# ---------------------------------------------------------------------------
+# Rotary position embedding (SPEC sec. 3.6), float32, from runtime shapes
+
+
+def normalised_positions(n: int, device: torch.device) -> Tensor:
+    """linspace(0, 16, n) written as arange * step so it traces with a symbolic n."""
+    step = 16.0 / max(n - 1, 1)
+    return torch.arange(n, device=device, dtype=torch.float32) * step
+
+
+def rope_2d_angles(gh: int, gw: int, head_dim: int, ref_grid: int, device: torch.device) -> Tensor:
+    """NTK-aware 2D RoPE angles for a (gh, gw) token grid: [gh*gw, head_dim/2]."""
+    a = head_dim / 2
+    exponent = a / (a - 2)
+    j = torch.arange(head_dim // 4, device=device, dtype=torch.float32)
+    # theta^(-4j/d) = exp(-(4j/d) * (ln 10000 + exponent * ln(g / R)))
+    log_theta_h = math.log(10000.0) + exponent * torch.log(torch.tensor(gh / ref_grid, device=device))
+    log_theta_w = math.log(10000.0) + exponent * torch.log(torch.tensor(gw / ref_grid, device=device))
+    fh = torch.exp(-(4.0 / head_dim) * j * log_theta_h)
+    fw = torch.exp(-(4.0 / head_dim) * j * log_theta_w)
+    py = normalised_positions(gh, device)[:, None, None] * fh  # [gh, 1, d/4]
+    px = normalised_positions(gw, device)[None, :, None] * fw  # [1, gw, d/4]
+    py, px = torch.broadcast_tensors(py, px)
+    # Interleave per token: [px*fw_0, py*fh_0, px*fw_1, py*fh_1, ...]
+    return torch.stack([px, py], dim=-1).reshape(gh * gw, head_dim // 2)
+
+
+def rope_1d_angles(length: int, head_dim: int, theta: float, device: torch.device) -> Tensor:
+    """Text RoPE angles [length, head_dim/2]: pos * theta^(-2j/d)."""
+    j = torch.arange(head_dim // 2, device=device, dtype=torch.float32)
+    freqs = torch.exp(j * (-2.0 * math.log(theta) / head_dim))
+    pos = torch.arange(length, device=device, dtype=torch.float32)
+    return pos[:, None] * freqs[None, :]
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate consecutive pairs of x [B, heads, S, D] by angles given as cos/sin [S, D/2]."""
+    x32 = x.float().unflatten(-1, (-1, 2))
+    a, b = x32[..., 0], x32[..., 1]
+    rotated = torch.stack([a * cos - b * sin, a * sin + b * cos], dim=-1)
+    return rotated.flatten(-2).to(x.dtype)
+
+
+# ---------------------------------------------------------------------------
+# Embedders
+
+
+class TimestepEmbedder(nn.Module):
+    """128 cos/sin frequencies with max period 10 (SPEC 3.4), then an MLP."""
+
+    def __init__(self, hidden: int, freq_dim: int = 256, max_period: float = 10.0):
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.max_period = max_period
+        self.mlp = nn.Sequential(Linear(freq_dim, hidden), nn.SiLU(), Linear(hidden, hidden))
+
+    def forward(self, t: Tensor) -> Tensor:
+        half = self.freq_dim // 2
+        k = torch.arange(half, device=t.device, dtype=torch.float32)
+        freqs = torch.exp(k * (-math.log(self.max_period) / half))
+        args = t.float()[:, None] * freqs[None]
+        return self.mlp(torch.cat([torch.cos(args), torch.sin(args)], dim=-1))
+
+
+class Projection(nn.Module):
+    """A lone Linear under the name `proj` (checkpoint layout)."""
+
+    def __init__(self, d_in: int, d_out: int):
+        super().__init__()
+        self.proj = Linear(d_in, d_out)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.proj(x)
+
+
+class CaptionEmbedder(nn.Module):
+    def __init__(self, d_in: int, hidden: int):
+        super().__init__()
+        self.proj = Linear(d_in, hidden)
+        self.norm = RMSNorm(hidden)
+
+    def forward(self, y: Tensor) -> Tensor:
+        return self.norm(self.proj(y))
+
+
+# ---------------------------------------------------------------------------
+# LQ branch (SPEC 3.1, 3.2): latent -> per-injection features, and the gates
+
+
+class ResBlock(nn.Module):
+    def __init__(self, ch: int, padding_mode: str):
+        super().__init__()
+        self.block = nn.Sequential(
+            GroupNorm(4, ch, eps=1e-5), nn.SiLU(), Conv2d(ch, ch, 3, padding=1, padding_mode=padding_mode),
+            GroupNorm(4, ch, eps=1e-5), nn.SiLU(), Conv2d(ch, ch, 3, padding=1, padding_mode=padding_mode),
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.block(x)
+
+
+class LatentProjector(nn.Module):
+    """`lq_proj`: upsampled latent -> conv stack -> one token feature per injection."""
+
+    def __init__(self, cfg: PidConfig):
+        super().__init__()
+        self.unpatchify = cfg.lq_latent_unpatchify_factor
+        self.align_ratio = cfg.lq_align_ratio
+        c_in = cfg.lq_latent_channels // self.unpatchify**2
+        hid, pad = cfg.lq_hidden_dim, cfg.lq_conv_padding_mode
+        self.latent_proj = nn.Sequential(
+            Conv2d(c_in, hid, 3, padding=1, padding_mode=pad), nn.SiLU(),
+            Conv2d(hid, hid, 3, padding=1, padding_mode=pad),
+            *[ResBlock(hid, pad) for _ in range(cfg.lq_num_res_blocks)],
+        )
+        self.output_heads = nn.ModuleList(Linear(hid, cfg.hidden_size) for _ in range(cfg.num_injections))
+        self.pit_head = Linear(hid, cfg.hidden_size) if cfg.pit_lq_inject else None
+        self.gate_modules = nn.ModuleList(
+            SigmaAwareGate(cfg.hidden_size, cfg.lq_gate_type) for _ in range(cfg.num_injections)
+        )
+
+    def tokens(self, lq_latent: Tensor) -> Tensor:
+        """[B, C, h, w] latent -> [B, L, lq_hidden] tokens on the patch grid."""
+        z = lq_latent
+        f = self.unpatchify
+        if f > 1:  # channel c*f*f + i*f + j -> pixel (f*row + i, f*col + j)
+            b, c, h, w = z.shape
+            z = z.reshape(b, c // (f * f), f, f, h, w).permute(0, 1, 4, 2, 5, 3).reshape(b, c // (f * f), h * f, w * f)
+        r = self.align_ratio
+        if r > 1:  # nearest-neighbour upsampling by r, as a broadcast
+            b, c, h, w = z.shape
+            z = z[:, :, :, None, :, None].expand(b, c, h, r, w, r).reshape(b, c, h * r, w * r)
+        z = self.latent_proj(z)
+        return z.flatten(2).transpose(1, 2)
+
+    def forward(self, lq_latent: Tensor) -> tuple[list[Tensor], Tensor | None]:
+        tokens = self.tokens(lq_latent)
+        features = [head(tokens) for head in self.output_heads]
+        pit = self.pit_head(tokens) if self.pit_head is not None else None
+        return features, pit
+
+
+class SigmaAwareGate(nn.Module):
+    """s + sigmoid(content_proj([s, f]) - exp(log_alpha) * sigma) * f."""
+
+    def __init__(self, hidden: int, gate_type: str):
+        super().__init__()
+        out = hidden if gate_type == "sigma_aware_per_token_per_dim" else 1
+        self.content_proj = Linear(2 * hidden, out)
+        self.log_alpha = nn.Parameter(torch.zeros(()))
+
+    def forward(self, s: Tensor, feature: Tensor, sigma: Tensor) -> Tensor:
+        content = self.content_proj(torch.cat([s, feature.to(s.dtype)], dim=-1)).float()
+        damping = torch.exp(self.log_alpha.float()) * sigma.float()[:, None, None]
+        gate = torch.sigmoid(content - damping).to(s.dtype)
+        return s + gate * feature.to(s.dtype)
+
+
+# ---------------------------------------------------------------------------
+# Patch blocks (SPEC 3.7): joint text/image attention with adaLN modulation
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.w1 = Linear(dim, hidden, bias=False)
+        self.w2 = Linear(hidden, dim, bias=False)
+        self.w3 = Linear(dim, hidden, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class JointAttention(nn.Module):
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        head_dim = dim // heads
+        self.qkv_x = Linear(dim, 3 * dim, bias=False)
+        self.qkv_y = Linear(dim, 3 * dim, bias=False)
+        self.q_norm_x, self.k_norm_x = RMSNorm(head_dim), RMSNorm(head_dim)
+        self.q_norm_y, self.k_norm_y = RMSNorm(head_dim), RMSNorm(head_dim)
+        self.proj_x = Linear(dim, dim)
+        self.proj_y = Linear(dim, dim)
+
+    def _qkv(self, qkv: Tensor, q_norm: RMSNorm, k_norm: RMSNorm, rope: tuple[Tensor, Tensor] | None):
+        q, k, v = qkv.unflatten(-1, (3, self.heads, -1)).permute(2, 0, 3, 1, 4)  # 3 x [B, heads, S, D]
+        q, k = q_norm(q), k_norm(k)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        return q, k, v
+
+    def forward(self, s: Tensor, u: Tensor, rope_img: tuple[Tensor, Tensor],
+                rope_txt: tuple[Tensor, Tensor] | None) -> tuple[Tensor, Tensor]:
+        qs, ks, vs = self._qkv(self.qkv_x(s), self.q_norm_x, self.k_norm_x, rope_img)
+        qu, ku, vu = self._qkv(self.qkv_y(u), self.q_norm_y, self.k_norm_y, rope_txt)
+        out = attention(torch.cat([qu, qs], 2), torch.cat([ku, ks], 2), torch.cat([vu, vs], 2))
+        out = out.transpose(1, 2).flatten(2)  # [B, Lt + L, dim]
+        text_len = u.shape[1]
+        return self.proj_x(out[:, text_len:]), self.proj_y(out[:, :text_len])
+
+
+class PatchBlock(nn.Module):
+    def __init__(self, dim: int, heads: int, is_last: bool):
+        super().__init__()
+        self.is_last = is_last  # the last block's text output is never used
+        self.norm_x1, self.norm_y1 = RMSNorm(dim), RMSNorm(dim)
+        self.attn = JointAttention(dim, heads)
+        self.norm_x2, self.norm_y2 = RMSNorm(dim), RMSNorm(dim)
+        mlp_hidden = int(2 * (4 * dim) / 3)
+        self.mlp_x = SwiGLU(dim, mlp_hidden)
+        self.mlp_y = SwiGLU(dim, mlp_hidden)
+        self.adaLN_modulation_img = nn.Sequential(Linear(dim, 6 * dim))
+        self.adaLN_modulation_txt = nn.Sequential(Linear(dim, 6 * dim))
+
+    def forward(self, s: Tensor, u: Tensor, c: Tensor, rope_img, rope_txt) -> tuple[Tensor, Tensor]:
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN_modulation_img(c).chunk(6, dim=-1)
+        tshift1, tscale1, tgate1, tshift2, tscale2, tgate2 = self.adaLN_modulation_txt(c).chunk(6, dim=-1)
+        attn_s, attn_u = self.attn(modulate(self.norm_x1(s), shift1, scale1),
+                                   modulate(self.norm_y1(u), tshift1, tscale1), rope_img, rope_txt)
+        s = s + gate1 * attn_s
+        s = s + gate2 * self.mlp_x(modulate(self.norm_x2(s), shift2, scale2))
+        if self.is_last:
+            return s, u
+        u = u + tgate1 * attn_u
+        u = u + tgate2 * self.mlp_y(modulate(self.norm_y2(u), tshift2, tscale2))
+        return s, u
+
+
+# ---------------------------------------------------------------------------
+# Pixel blocks (SPEC 3.11): per-pixel MLP stream, attention over patches
+
+
+class PixelAttention(nn.Module):
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.qkv = Linear(dim, 3 * dim, bias=False)
+        self.q_norm, self.k_norm = RMSNorm(dim // heads), RMSNorm(dim // heads)
+        self.proj = Linear(dim, dim)
+
+    def forward(self, z: Tensor, rope: tuple[Tensor, Tensor]) -> Tensor:
+        q, k, v = self.qkv(z).unflatten(-1, (3, self.heads, -1)).permute(2, 0, 3, 1, 4)
+        q, k = apply_rope(self.q_norm(q), *rope), apply_rope(self.k_norm(k), *rope)
+        return self.proj(attention(q, k, v).transpose(1, 2).flatten(2))
+
+
+class PixelMlp(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = Linear(dim, hidden)
+        self.fc2 = Linear(hidden, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+class PixelBlock(nn.Module):
+    def __init__(self, cfg: PidConfig):
+        super().__init__()
+        dim, patch_pixels = cfg.pixel_hidden_size, cfg.patch_size**2
+        self.norm1 = RMSNorm(dim)
+        self.compress_to_attn = Linear(patch_pixels * dim, cfg.pixel_attn_hidden_size)
+        self.attn = PixelAttention(cfg.pixel_attn_hidden_size, cfg.pixel_num_groups)
+        self.expand_from_attn = Linear(cfg.pixel_attn_hidden_size, patch_pixels * dim)
+        self.norm2 = RMSNorm(dim)
+        self.mlp = PixelMlp(dim, 4 * dim)
+        self.adaLN_modulation = nn.Sequential(Linear(cfg.hidden_size, patch_pixels * 6 * dim))
+
+    def forward(self, x: Tensor, s: Tensor, batch: int, rope: tuple[Tensor, Tensor]) -> Tensor:
+        """x [B*L, P*P, dim] pixel tokens, s [B*L, hidden] their patch's condition."""
+        n, pixels, dim = x.shape
+        mod = self.adaLN_modulation(s).view(n, pixels, 6 * dim)
+        shift1, scale1, gate1, shift2, scale2, gate2 = mod.chunk(6, dim=-1)
+        z = modulate(self.norm1(x), shift1, scale1).reshape(batch, n // batch, pixels * dim)
+        z = self.expand_from_attn(self.attn(self.compress_to_attn(z), rope))
+        x = x + gate1 * z.reshape(n, pixels, dim)
+        return x + gate2 * self.mlp(modulate(self.norm2(x), shift2, scale2))
+
+
+class FinalLayer(nn.Module):
+    def __init__(self, dim: int, out_channels: int):
+        super().__init__()
+        self.norm = RMSNorm(dim)
+        self.linear = Linear(dim, out_channels)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.linear(self.norm(x))
+
+
+def pixel_position_table(height: int, width: int, dim: int, device: torch.device) -> Tensor:
+    """Fixed sin-cos table [H, W, dim]: [sin(col w), cos(col w), sin(row w), cos(row w)]."""
+    quarter = dim // 4
+    w = torch.exp(torch.arange(quarter, device=device, dtype=torch.float32) * (-math.log(10000.0) / quarter))
+    col = torch.arange(width, device=device, dtype=torch.float32)[:, None] * w  # [W, q]
+    row = torch.arange(height, device=device, dtype=torch.float32)[:, None] * w  # [H, q]
+    col_emb = torch.cat([torch.sin(col), torch.cos(col)], dim=-1)[None, :, :].expand(height, width, 2 * quarter)
+    row_emb = torch.cat([torch.sin(row), torch.cos(row)], dim=-1)[:, None, :].expand(height, width, 2 * quarter)
+    return torch.cat([col_emb, row_emb], dim=-1)
+
+
+# ---------------------------------------------------------------------------
+# The network
+
+
+class PidNet(nn.Module):
+    """PiD decoder: velocity = net(x, t, y, lq_latent, degrade_sigma)."""
+
+    def __init__(self, cfg: PidConfig):
+        super().__init__()
+        self.cfg = cfg
+        hidden, p = cfg.hidden_size, cfg.patch_size
+        self.y_pos_embedding = nn.Parameter(torch.zeros(1, cfg.txt_max_length, hidden))
+        self.pixel_embedder = Projection(cfg.in_channels, cfg.pixel_hidden_size)
+        self.s_embedder = Projection(cfg.in_channels * p * p, hidden)
+        self.t_embedder = TimestepEmbedder(hidden)
+        self.y_embedder = CaptionEmbedder(cfg.txt_embed_dim, hidden)
+        self.patch_blocks = nn.ModuleList(
+            PatchBlock(hidden, cfg.num_groups, is_last=i == cfg.patch_depth - 1) for i in range(cfg.patch_depth)
+        )
+        self.pixel_blocks = nn.ModuleList(PixelBlock(cfg) for _ in range(cfg.pixel_depth))
+        self.final_layer = FinalLayer(cfg.pixel_hidden_size, cfg.in_channels)
+        self.lq_proj = LatentProjector(cfg)
+        self.pit_lq_gate = SigmaAwareGate(hidden, "sigma_aware_per_token") if cfg.pit_lq_inject else None
+
+    @classmethod
+    def from_config(cls, config: Any) -> "PidNet":
+        """Build from a `network` dict (reference naming), a PidConfig, or a registry entry."""
+        if isinstance(config, PidConfig):
+            return cls(config)
+        if isinstance(config, Mapping):
+            return cls(PidConfig.from_dict(config))
+        network = getattr(config, "network", None)
+        if isinstance(network, PidConfig):
+            return cls(network)
+        raise TypeError(f"cannot build PidNet from {type(config).__name__}")
+
+    def _rope(self, gh: int, gw: int, head_dim: int, device: torch.device) -> tuple[Tensor, Tensor]:
+        ref_grid = self.cfg.rope_ref_h // self.cfg.patch_size
+        angles = rope_2d_angles(gh, gw, head_dim, ref_grid, device)
+        return torch.cos(angles), torch.sin(angles)
+
+    def forward(self, x: Tensor, t: Tensor, y: Tensor, lq_latent: Tensor, degrade_sigma: Tensor,
+                return_lq_feature: bool = False):
+        cfg = self.cfg
+        p = cfg.patch_size
+        b, _, height, width = x.shape
+        gh, gw = height // p, width // p
+        device = x.device
+
+        lq_features, pit_feature = self.lq_proj(lq_latent)
+
+        # Patch tokens: [B,3,H,W] -> [B, L, 3*P*P] with channel index c*P*P + ky*P + kx.
+        patches = x.reshape(b, 3, gh, p, gw, p).permute(0, 2, 4, 1, 3, 5).reshape(b, gh * gw, 3 * p * p)
+        s = self.s_embedder(patches)
+        t_emb = self.t_embedder(t)[:, None, :]  # [B, 1, hidden]
+        c = F.silu(t_emb)
+
+        y = y[:, : cfg.txt_max_length]
+        text_len = y.shape[1]
+        u = self.y_embedder(y) + self.y_pos_embedding[:, :text_len].to(s.dtype)
+
+        rope_img = self._rope(gh, gw, cfg.hidden_size // cfg.num_groups, device)
+        rope_txt = None
+        if cfg.use_text_rope:
+            angles = rope_1d_angles(text_len, cfg.hidden_size // cfg.num_groups, cfg.text_rope_theta, device)
+            rope_txt = (torch.cos(angles), torch.sin(angles))
+
+        for i, block in enumerate(self.patch_blocks):
+            if i % cfg.lq_interval == 0:
+                k = i // cfg.lq_interval
+                s = self.lq_proj.gate_modules[k](s, lq_features[k], degrade_sigma)
+            s, u = block(s, u, c, rope_img, rope_txt)
+
+        s = F.silu(t_emb.to(s.dtype) + s)
+        if self.pit_lq_gate is not None:
+            s = self.pit_lq_gate(s, pit_feature, degrade_sigma)
+
+        # Pixel tokens: per-pixel embedding + fixed positions, cut into patches [B*L, P*P, dim].
+        dim = cfg.pixel_hidden_size
+        pix = self.pixel_embedder(x.permute(0, 2, 3, 1))
+        pix = pix + pixel_position_table(height, width, dim, device).to(pix.dtype)
+        pix = pix.reshape(b, gh, p, gw, p, dim).permute(0, 1, 3, 2, 4, 5).reshape(b * gh * gw, p * p, dim)
+
+        cond = s.reshape(b * gh * gw, cfg.hidden_size)
+        rope_pix = self._rope(gh, gw, cfg.pixel_attn_hidden_size // cfg.pixel_num_groups, device)
+        for block in self.pixel_blocks:
+            pix = block(pix, cond, b, rope_pix)
+
+        out = self.final_layer(pix)  # [B*L, P*P, 3]
+        out = out.reshape(b, gh, gw, p, p, 3).permute(0, 5, 1, 3, 2, 4).reshape(b, 3, height, width)
+        velocity = out.float()
+        if return_lq_feature:
+            return velocity, lq_features[0]
+        return velocity

@@ -1,0 +1,71 @@
+"""The metadata sidecar of an export directory (written by pid_export, read here).
+
+An export directory holds:
+    model.onnx, model.onnx.data   the network (float32 at the boundary)
+    pid_export.json               this metadata (MODEL_METADATA)
+    engine.plan, engine.json      optional TensorRT engine and its metadata
+    empty_caption.npy             optional unconditional caption embedding [1, 300, 2304]
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+MODEL_METADATA = "pid_export.json"
+ENGINE_METADATA = "engine.json"
+ONNX_NAME = "model.onnx"
+ENGINE_NAME = "engine.plan"
+EMPTY_CAPTION_NAME = "empty_caption.npy"
+
+INPUT_NAMES = ("x", "t", "y", "lq_latent", "degrade_sigma")
+OUTPUT_NAMES = ("velocity",)
+
+
+class MetadataError(ValueError):
+    pass
+
+
+@dataclass
+class ModelMetadata:
+    """What a runtime needs to know about an exported PiD network."""
+
+    release: str | None  # registry name, None for a custom network
+    latent_channels: int
+    latent_down_factor: int
+    sr_factor: int
+    txt_embed_dim: int
+    txt_max_length: int
+    precision: str  # fp32 | fp16 | bf16 (inside the graph; the boundary is float32)
+    # Trained output sizes [[H, W], ...] and the range the export is meant for.
+    trained_sizes: list[list[int]] = field(default_factory=list)
+    min_size: list[int] | None = None  # [H, W]
+    max_size: list[int] | None = None
+    opset: int | None = None
+    network: dict[str, Any] = field(default_factory=dict)
+    checkpoint_sha256: str | None = None
+    versions: dict[str, str] = field(default_factory=dict)
+    inputs: list[dict[str, Any]] = field(default_factory=list)
+    outputs: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def pixel_scale(self) -> int:
+        """Output pixels per latent cell: H = h * pixel_scale."""
+        return self.latent_down_factor * self.sr_factor
+
+    def save(self, path: Path) -> None:
+        Path(path).write_text(json.dumps(asdict(self), indent=1) + "\n")
+
+    @classmethod
+    def load(cls, path: Path) -> "ModelMetadata":
+        try:
+            data = json.loads(Path(path).read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise MetadataError(f"cannot read model metadata {path}: {exc}") from None
+        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        try:
+            return cls(**known)
+        except TypeError as exc:
+            raise MetadataError(f"model metadata {path} is incomplete: {exc}") from None
