@@ -75,10 +75,15 @@ def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
 # Rotary position embedding (SPEC sec. 3.6), float32, from runtime shapes
 
 
+def index_range(n: int, device: torch.device) -> Tensor:
+    """float32 0..n-1, made as an integer Range then cast (TensorRT's Range wants int bounds)."""
+    return torch.arange(n, device=device).to(torch.float32)
+
+
 def normalised_positions(n: int, device: torch.device) -> Tensor:
     """linspace(0, 16, n) written as arange * step so it traces with a symbolic n."""
     step = 16.0 / max(n - 1, 1)
-    return torch.arange(n, device=device, dtype=torch.float32) * step
+    return index_range(n, device) * step
 
 
 def rope_2d_angles(gh: int, gw: int, head_dim: int, ref_grid: int, device: torch.device) -> Tensor:
@@ -102,7 +107,7 @@ def rope_1d_angles(length: int, head_dim: int, theta: float, device: torch.devic
     """Text RoPE angles [length, head_dim/2]: pos * theta^(-2j/d)."""
     j = torch.arange(head_dim // 2, device=device, dtype=torch.float32)
     freqs = torch.exp(j * (-2.0 * math.log(theta) / head_dim))
-    pos = torch.arange(length, device=device, dtype=torch.float32)
+    pos = index_range(length, device)
     return pos[:, None] * freqs[None, :]
 
 
@@ -365,8 +370,8 @@ def pixel_position_table(height: int, width: int, dim: int, device: torch.device
     """Fixed sin-cos table [H, W, dim]: [sin(col w), cos(col w), sin(row w), cos(row w)]."""
     quarter = dim // 4
     w = torch.exp(torch.arange(quarter, device=device, dtype=torch.float32) * (-math.log(10000.0) / quarter))
-    col = torch.arange(width, device=device, dtype=torch.float32)[:, None] * w  # [W, q]
-    row = torch.arange(height, device=device, dtype=torch.float32)[:, None] * w  # [H, q]
+    col = index_range(width, device)[:, None] * w  # [W, q]
+    row = index_range(height, device)[:, None] * w  # [H, q]
     col_emb = torch.cat([torch.sin(col), torch.cos(col)], dim=-1)[None, :, :].expand(height, width, 2 * quarter)
     row_emb = torch.cat([torch.sin(row), torch.cos(row)], dim=-1)[:, None, :].expand(height, width, 2 * quarter)
     return torch.cat([col_emb, row_emb], dim=-1)
@@ -431,7 +436,8 @@ class PidNet(nn.Module):
 
         y = y[:, : cfg.txt_max_length]
         text_len = y.shape[1]
-        u = self.y_embedder(y) + self.y_pos_embedding[:, :text_len].to(s.dtype)
+        # The caption projection may run in fp32 (fp16 exports: Gemma outliers); the stream runs in s's dtype.
+        u = self.y_embedder(y).to(s.dtype) + self.y_pos_embedding[:, :text_len].to(s.dtype)
 
         rope_img = self._rope(gh, gw, cfg.hidden_size // cfg.num_groups, device)
         rope_txt = None

@@ -1,0 +1,235 @@
+"""PidNet -> ONNX with dynamic batch / output size / text length.
+
+The graph: inputs x[B,3,H,W], t[B], y[B,Lt,D], lq_latent[B,C,h,w], degrade_sigma[B]
+(float32), output velocity[B,3,H,W] (float32), H = h * pixel_scale and
+W = w * pixel_scale, Lt in 1..txt_max_length. Exported with torch's dynamo
+exporter at opset 23 so each attention is one `Attention` op (TensorRT's fused
+IAttention). The export is written into a staging directory beside `out_dir`
+and renamed into place only when complete, so a failed run leaves nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import onnx
+import torch
+
+from pid_runtime.metadata import INPUT_NAMES, MODEL_METADATA, ONNX_NAME, OUTPUT_NAMES, ModelMetadata
+
+from .network import PidNet
+from .onnx_lint import LintReport, lint_model
+from .precision import apply_precision
+
+OPSET = 23
+TRACE_BATCH = 2  # batch 1 (like any size-1 dim) would be specialised by torch.export
+TRACE_LATENT = (2, 3)  # latent h, w of the trace inputs: small, non-square, not 0/1
+MAX_BATCH = 64
+MAX_LATENT = 1024
+
+Progress = Callable[[str], None]
+
+
+class ExportError(RuntimeError):
+    pass
+
+
+@dataclass
+class ExportResult:
+    out_dir: Path
+    onnx_path: Path
+    metadata: ModelMetadata
+    lint: LintReport
+    seconds: float
+
+    @property
+    def size_bytes(self) -> int:
+        return sum(f.stat().st_size for f in self.out_dir.iterdir() if f.is_file())
+
+
+def trace_inputs(net: PidNet, batch: int = TRACE_BATCH, latent_hw: tuple[int, int] = TRACE_LATENT,
+                 text_len: int | None = None, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    """Random float32 inputs of a consistent shape (only the shapes matter for tracing)."""
+    cfg = net.cfg
+    h, w = latent_hw
+    scale = cfg.pixel_scale
+    text_len = text_len or min(cfg.txt_max_length, 8)
+    gen = torch.Generator().manual_seed(seed)
+    return (
+        torch.randn(batch, 3, h * scale, w * scale, generator=gen),
+        torch.rand(batch, generator=gen) * 1000,
+        torch.randn(batch, text_len, cfg.txt_embed_dim, generator=gen),
+        torch.randn(batch, cfg.lq_latent_channels, h, w, generator=gen),
+        torch.rand(batch, generator=gen),
+    )
+
+
+def dynamic_shapes(net: PidNet) -> dict[str, dict[int, Any]]:
+    Dim = torch.export.Dim
+    batch = Dim("batch", min=1, max=MAX_BATCH)
+    lat_h = Dim("latent_h", min=1, max=MAX_LATENT)
+    lat_w = Dim("latent_w", min=1, max=MAX_LATENT)
+    text = Dim("text_len", min=1, max=net.cfg.txt_max_length)
+    scale = net.cfg.pixel_scale
+    return {
+        "x": {0: batch, 2: lat_h * scale, 3: lat_w * scale},
+        "t": {0: batch},
+        "y": {0: batch, 1: text},
+        "lq_latent": {0: batch, 2: lat_h, 3: lat_w},
+        "degrade_sigma": {0: batch},
+    }
+
+
+def _io_description(model: onnx.ModelProto) -> tuple[list[dict], list[dict]]:
+    def describe(values) -> list[dict]:
+        out = []
+        for v in values:
+            tt = v.type.tensor_type
+            dims = [d.dim_param or d.dim_value for d in tt.shape.dim]
+            out.append({"name": v.name, "dtype": onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type).name,
+                        "shape": dims})
+        return out
+
+    return describe(model.graph.input), describe(model.graph.output)
+
+
+def _versions() -> dict[str, str]:
+    import onnxscript
+
+    from . import __version__
+
+    return {"pid_export": __version__, "torch": torch.__version__, "onnx": onnx.__version__,
+            "onnxscript": onnxscript.__version__}
+
+
+def _quiet_export(net: PidNet, args: tuple, path: Path, shapes, opset: int):
+    """torch.onnx.export (dynamo) without its per-stage chatter; returns the ONNXProgram."""
+    import contextlib
+    import io
+    import logging
+    import warnings
+
+    sink = io.StringIO()
+    # torch logs one warning per torchvision op it cannot register; irrelevant here.
+    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
+    with warnings.catch_warnings(), contextlib.redirect_stdout(sink):
+        warnings.simplefilter("ignore")
+        return torch.onnx.export(
+            net, args, None, input_names=list(INPUT_NAMES), output_names=list(OUTPUT_NAMES),
+            dynamic_shapes=shapes, opset_version=opset, dynamo=True, optimize=False, verbose=False,
+        )
+
+
+def export_onnx(net: PidNet, out_dir: str | Path, precision: str = "fp32", *, release: Any = None,
+                checkpoint_sha256: str | None = None, static_shape: tuple[int, int, int] | None = None,
+                opset: int = OPSET, progress: Progress | None = None) -> ExportResult:
+    """Export `net` (cast in place to `precision`) into `out_dir`.
+
+    static_shape=(batch, H, W) exports fixed shapes (faster to export; for
+    benchmarks and tests); otherwise batch, H, W and text length are dynamic.
+    `release` (a registry entry, optional) supplies the name and trained sizes.
+    """
+    say = progress or (lambda msg: None)
+    out_dir = Path(out_dir)
+    cfg = net.cfg
+    start = time.perf_counter()
+    net = apply_precision(net.eval(), precision)
+
+    if static_shape is not None:
+        batch, height, width = static_shape
+        scale = cfg.pixel_scale
+        if height % scale or width % scale:
+            raise ExportError(f"static size {height}x{width} is not a multiple of the pixel scale {scale}")
+        args = trace_inputs(net, batch=batch, latent_hw=(height // scale, width // scale))
+        shapes = None
+    else:
+        args, shapes = trace_inputs(net), dynamic_shapes(net)
+
+    stage = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}"
+    shutil.rmtree(stage, ignore_errors=True)
+    stage.mkdir(parents=True)
+    try:
+        t0 = time.perf_counter()
+        say(f"tracing the network ({precision}, opset {opset}, "
+            f"{'static ' + 'x'.join(map(str, static_shape)) if static_shape else 'dynamic shapes'})")
+        with torch.no_grad():
+            program = _quiet_export(net, args, stage / ONNX_NAME, shapes, opset)
+        say(f"traced in {time.perf_counter() - t0:.0f} s; folding constants")
+        import onnxscript.optimizer
+
+        # Constant folding and dead-code removal only: no fusions, so the graph keeps
+        # opsets TensorRT 10.14 imports (the default rewriter would emit RMSNormalization).
+        onnxscript.optimizer.optimize(program.model)
+        onnx_path = stage / ONNX_NAME
+        t0 = time.perf_counter()
+        program.save(str(onnx_path), external_data=True)
+        del program
+        say(f"wrote {ONNX_NAME} ({_dir_size(stage) / 1e6:.1f} MB) in {time.perf_counter() - t0:.0f} s; checking")
+        onnx.checker.check_model(str(onnx_path), full_check=False)
+        onnx.shape_inference.infer_shapes_path(str(onnx_path), str(onnx_path))
+        graph = onnx.load(str(onnx_path), load_external_data=False)
+        lint = lint_model(graph, expected_attention=cfg.patch_depth + cfg.pixel_depth)
+        inputs, outputs = _io_description(graph)
+        del graph
+
+        metadata = _metadata(net, release, precision, opset, checkpoint_sha256, static_shape, inputs, outputs)
+        metadata.save(stage / MODEL_METADATA)
+        _replace_dir(stage, out_dir)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    return ExportResult(out_dir, out_dir / ONNX_NAME, metadata, lint, time.perf_counter() - start)
+
+
+def _metadata(net: PidNet, release: Any, precision: str, opset: int, checkpoint_sha256: str | None,
+              static_shape: tuple[int, int, int] | None, inputs: list, outputs: list) -> ModelMetadata:
+    cfg = net.cfg
+    trained = [list(s) for s in getattr(release, "trained_sizes", [])]
+    min_size = list(getattr(release, "min_size", None) or []) or None
+    max_size = list(getattr(release, "max_size", None) or []) or None
+    if static_shape is not None:
+        min_size = max_size = [static_shape[1], static_shape[2]]
+    return ModelMetadata(
+        release=getattr(release, "name", None),
+        latent_channels=cfg.lq_latent_channels,
+        latent_down_factor=cfg.latent_spatial_down_factor,
+        sr_factor=cfg.sr_scale,
+        txt_embed_dim=cfg.txt_embed_dim,
+        txt_max_length=cfg.txt_max_length,
+        precision=precision,
+        trained_sizes=trained,
+        min_size=min_size,
+        max_size=max_size,
+        opset=opset,
+        network=cfg.to_dict(),
+        checkpoint_sha256=checkpoint_sha256,
+        versions=_versions(),
+        inputs=inputs,
+        outputs=outputs,
+    )
+
+
+def _dir_size(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.iterdir() if f.is_file())
+
+
+KEPT_ACROSS_EXPORTS = ("timing.cache",)  # TensorRT's kernel timings stay valid for a re-export
+
+
+def _replace_dir(stage: Path, out_dir: Path) -> None:
+    """Move the finished export into place; an older export there is replaced whole."""
+    if out_dir.exists():
+        for name in KEPT_ACROSS_EXPORTS:
+            if (out_dir / name).is_file() and not (stage / name).exists():
+                shutil.copy2(out_dir / name, stage / name)
+        old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
+        out_dir.rename(old)
+        stage.rename(out_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        stage.rename(out_dir)

@@ -1,0 +1,48 @@
+"""Precision policies: which parameters run in fp16/bf16 and which stay float32.
+
+TensorRT's strongly typed mode takes precision from the graph's dtypes, so the
+policy is applied to the PyTorch network before export: every layer casts its
+input to its own weight dtype (see network.py), so a parameter's dtype decides
+the dtype its matmul runs in. Kept in float32 whatever the precision:
+- the timestep embedder (fp32 sin/cos of t*1000 and its MLP);
+- the LQ gates' log_alpha (the sigma term of the gate);
+- in fp16 only, the caption projection `y_embedder.proj`: Gemma-2 hidden states
+  have outliers of ~1e3 whose products overflow fp16's 65504; its RMSNorm
+  brings them back to unit scale before the stream is cast to fp16.
+Norm statistics, RoPE and the boundary (inputs, velocity) are float32 by
+construction in network.py.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def precision_dtype(precision: str) -> torch.dtype:
+    try:
+        return PRECISIONS[precision]
+    except KeyError:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}") from None
+
+
+def float32_islands(net: nn.Module, precision: str) -> list[nn.Module]:
+    islands: list[nn.Module] = [net.t_embedder]
+    if precision == "fp16":
+        islands.append(net.y_embedder.proj)
+    return islands
+
+
+def apply_precision(net: nn.Module, precision: str) -> nn.Module:
+    """Cast `net` in place to `precision` with the float32 islands above; returns net."""
+    dtype = precision_dtype(precision)
+    net.to(dtype)
+    if dtype != torch.float32:
+        for module in float32_islands(net, precision):
+            module.to(torch.float32)
+        for name, param in net.named_parameters():
+            if name.endswith("log_alpha"):
+                param.data = param.data.float()
+    return net
