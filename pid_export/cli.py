@@ -135,7 +135,7 @@ Examples:
 @click.option("--workspace-gb", type=click.FloatRange(min=0.1), help="TensorRT builder workspace limit.")
 @click.option("--strip-weights", is_flag=True,
               help="Weight-stripped refittable plan (MBs); weights are refitted from the ONNX at load.")
-@click.option("--verify", is_flag=True, help="After building, compare the engine with ONNX Runtime at a small size.")
+@click.option("--verify", is_flag=True, help="After building, compare the engine with the float32 PyTorch network at a small size.")
 @click.option("--static", "static_hw", metavar="HxW",
               help="Export fixed shapes (batch 1, this output size) instead of dynamic ones.")
 @click.option("--demo", is_flag=True,
@@ -191,15 +191,16 @@ def cli(backbone, variant, checkpoint, network_config, precision, out_dir, onnx_
         else:
             _say(f"engine step will be skipped: {why}")
 
-    export_dir = export_release(network, release, checkpoint, precision, out_dir, static_shape)
+    export_dir, checkpoint_path = export_release(network, release, checkpoint, precision, out_dir, static_shape)
     if build:
-        build_and_verify(export_dir, release, precision, profile_hw, max_batch, workspace_gb, strip_weights, verify)
+        build_and_verify(export_dir, release, precision, profile_hw, max_batch, workspace_gb, strip_weights,
+                         verify_against=(network, checkpoint_path) if verify else None)
     _say(f"export ready: {export_dir}")
 
 
 def export_release(network: PidConfig, release, checkpoint: Path | None, precision: str, out_dir: Path,
-                   static_shape) -> Path:
-    """Checkpoint -> verified PidNet -> ONNX export directory."""
+                   static_shape) -> tuple[Path, Path]:
+    """Checkpoint -> verified PidNet -> ONNX export directory; returns it and the checkpoint used."""
     import torch
 
     from .checkpoints import CheckpointError, file_sha256, load_checkpoint, resolve_checkpoint, verify_checkpoint
@@ -236,11 +237,24 @@ def export_release(network: PidConfig, release, checkpoint: Path | None, precisi
     _say(f"    {result.size_bytes / 1e9:.2f} GB; ops: {result.lint.histogram()}")
     for problem in result.lint.problems:
         _say(f"    TensorRT lint: {problem}")
-    return result.out_dir
+    return result.out_dir, path
+
+
+def _reference_net(network: PidConfig, checkpoint_path: Path):
+    """The float32 PyTorch network of the export, for --verify (ORT's CPU provider has no bf16)."""
+    import torch
+
+    from .checkpoints import load_checkpoint
+    from .network import PidNet
+
+    with torch.device("meta"):
+        net = PidNet(network)
+    net.load_state_dict({k: v.float() for k, v in load_checkpoint(checkpoint_path).items()}, assign=True)
+    return net.eval()
 
 
 def build_and_verify(export_dir: Path, release, precision: str, profile_hw, max_batch: int,
-                     workspace_gb, strip_weights: bool, verify: bool) -> None:
+                     workspace_gb, strip_weights: bool, verify_against: tuple[PidConfig, Path] | None) -> None:
     from pid_runtime.metadata import MODEL_METADATA, ONNX_NAME, ModelMetadata
 
     from .engine import EngineError, EngineProfile, build_engine, verify_engine
@@ -257,10 +271,10 @@ def build_and_verify(export_dir: Path, release, precision: str, profile_hw, max_
             plan = build_engine(export_dir / ONNX_NAME, export_dir, profile, workspace_gb=workspace_gb,
                                 strip_weights=strip_weights, log=lambda m: _say(f"    {m}"))
             _say(f"    {plan} ({plan.stat().st_size / 1e6:.1f} MB)")
-        if verify:
-            with stage("verifying the engine against ONNX Runtime"):
-                result = verify_engine(plan, export_dir / ONNX_NAME, log=lambda m: _say(f"    {m}"))
-                _say(f"    {result.summary()}")
+        if verify_against is not None:
+            with stage("verifying the engine against the float32 PyTorch network"):
+                net = _reference_net(*verify_against)
+                verify_engine(plan, export_dir / ONNX_NAME, net=net, log=lambda m: _say(f"    {m}"))
     except EngineError as exc:
         raise UsageProblem(str(exc)) from None
 

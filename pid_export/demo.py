@@ -63,10 +63,11 @@ def run_demo(out_dir: Path | None, log: Callable[[str], None] = print, size: tup
         release = get_release(DEFAULT_BACKBONE, DEFAULT_VARIANT)
         log(f"demo: using the cached {release.label} checkpoint {cached}")
         out_dir = out_dir or Path("engines") / f"{release.name}-bf16"
-        export_dir = export_release(release.network, release, cached, "bf16", out_dir, None)
+        export_dir, _ = export_release(release.network, release, cached, "bf16", out_dir, None)
         usable, why = tensorrt_status()
         if usable:
-            build_and_verify(export_dir, release, "bf16", (None, None, None), 1, None, False, True)
+            build_and_verify(export_dir, release, "bf16", (None, None, None), 1, None, False,
+                             verify_against=(release.network, cached))
         else:
             log(f"engine step skipped: {why}")
         log(f"export ready: {export_dir}")

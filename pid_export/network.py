@@ -16,7 +16,7 @@ Export rules followed throughout:
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping
+from typing import Any, Mapping, cast
 
 import torch
 import torch.nn.functional as F
@@ -166,7 +166,7 @@ class CaptionEmbedder(nn.Module):
 
 
 class ResBlock(nn.Module):
-    def __init__(self, ch: int, padding_mode: str):
+    def __init__(self, ch: int, padding_mode: Any):
         super().__init__()
         self.block = nn.Sequential(
             GroupNorm(4, ch, eps=1e-5), nn.SiLU(), Conv2d(ch, ch, 3, padding=1, padding_mode=padding_mode),
@@ -185,7 +185,7 @@ class LatentProjector(nn.Module):
         self.unpatchify = cfg.lq_latent_unpatchify_factor
         self.align_ratio = cfg.lq_align_ratio
         c_in = cfg.lq_latent_channels // self.unpatchify**2
-        hid, pad = cfg.lq_hidden_dim, cfg.lq_conv_padding_mode
+        hid, pad = cfg.lq_hidden_dim, cast(Any, cfg.lq_conv_padding_mode)  # "zeros" | "replicate"
         self.latent_proj = nn.Sequential(
             Conv2d(c_in, hid, 3, padding=1, padding_mode=pad), nn.SiLU(),
             Conv2d(hid, hid, 3, padding=1, padding_mode=pad),
