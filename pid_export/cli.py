@@ -138,12 +138,18 @@ Examples:
 @click.option("--verify", is_flag=True, help="After building, compare the engine with the float32 PyTorch network at a small size.")
 @click.option("--static", "static_hw", metavar="HxW",
               help="Export fixed shapes (batch 1, this output size) instead of dynamic ones.")
+@click.option("--caption-model", metavar="ID|DIR",
+              help="Gemma-2 caption encoder (hub id, local dir or exported encoder dir) used to store the "
+                   "unconditional (empty-caption) embedding in the export; only local/cached models are used. "
+                   "Default: $PID_CAPTION_MODEL, else Efficient-Large-Model/gemma-2-2b-it if cached.")
+@click.option("--no-empty-caption", is_flag=True, help="Do not store the unconditional caption embedding.")
 @click.option("--demo", is_flag=True,
               help="Run the whole job on the embedded default: the sd3/2kto4k checkpoint if it is in the "
                    "local cache, else a small built-in model of the real architecture; then decode a "
                    "sample latent with pid-run's runtime.")
 def cli(backbone, variant, checkpoint, network_config, precision, out_dir, onnx_only, want_engine,
-        min_hw, opt_hw, max_hw, max_batch, workspace_gb, strip_weights, verify, static_hw, demo):
+        min_hw, opt_hw, max_hw, max_batch, workspace_gb, strip_weights, verify, static_hw, caption_model,
+        no_empty_caption, demo):
     if demo:
         from .demo import run_demo
 
@@ -192,6 +198,8 @@ def cli(backbone, variant, checkpoint, network_config, precision, out_dir, onnx_
             _say(f"engine step will be skipped: {why}")
 
     export_dir, checkpoint_path = export_release(network, release, checkpoint, precision, out_dir, static_shape)
+    if not no_empty_caption:
+        store_unconditional_caption(export_dir, network, caption_model)
     if build:
         build_and_verify(export_dir, release, precision, profile_hw, max_batch, workspace_gb, strip_weights,
                          verify_against=(network, checkpoint_path) if verify else None)
@@ -238,6 +246,24 @@ def export_release(network: PidConfig, release, checkpoint: Path | None, precisi
     for problem in result.lint.problems:
         _say(f"    TensorRT lint: {problem}")
     return result.out_dir, path
+
+
+def store_unconditional_caption(export_dir: Path, network: PidConfig, caption_model: str | None) -> None:
+    """empty_caption.npy for pid-run's caption-less default, when an encoder is on this machine."""
+    import numpy as np
+
+    from pid_runtime.metadata import EMPTY_CAPTION_NAME
+
+    from .caption_export import store_empty_caption
+
+    path = store_empty_caption(export_dir, caption_model, notify=lambda m: _say(f"    {m}"))
+    if path is None:
+        return
+    width = np.load(path, mmap_mode="r").shape[-1]
+    if width != network.txt_embed_dim:  # e.g. a custom network with another text width
+        (export_dir / EMPTY_CAPTION_NAME).unlink(missing_ok=True)
+        _say(f"    removed it again: the encoder gives {width}-d embeddings, the network takes "
+             f"{network.txt_embed_dim}-d")
 
 
 def _reference_net(network: PidConfig, checkpoint_path: Path):

@@ -1,0 +1,152 @@
+"""Caption encoder at export time: the unconditional embedding, and the encoder itself -> ONNX.
+
+`store_empty_caption` writes empty_caption.npy into an export directory when an encoder
+can be loaded (pid-run then decodes without a caption). `export_caption_encoder` writes
+the encoder as ONNX, so a deployment can make caption embeddings without PyTorch models.
+
+The graph takes input_ids / attention_mask [B, max_length] int64 (fixed token length,
+dynamic batch) and returns the selected hidden states [B, 300, hidden] float32, i.e.
+everything of SPEC sec. 6 after tokenisation. Tokenisation travels as the tokenizer's
+own `tokenizers` pipeline (caption_tokenizer.json) plus caption_encoder.json (prefix,
+lengths, pad token); `pid_runtime.caption.OnnxCaptionEncoder` loads the directory.
+Files are staged in a temporary directory and moved in with the settings file last,
+so a directory with caption_encoder.json holds a complete export.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from pid_runtime.caption import (
+    ONNX_ENCODER_METADATA,
+    ONNX_ENCODER_NAME,
+    ONNX_TOKENIZER_NAME,
+    CaptionEncoder,
+    CaptionError,
+    OnnxCaptionEncoder,
+    default_caption_model,
+    load_encoder,
+    save_empty_caption,
+    selected_positions,
+)
+
+OPSET = 20
+MAX_BATCH = 256
+# Prompts the export checks the standalone tokenizer pipeline on (it must give transformers' ids).
+CHECK_PROMPTS = ("", "a red cat on a mat", " ".join(["word"] * 400))
+
+
+def store_empty_caption(
+    export_dir: str | os.PathLike[str],
+    caption_model: str | os.PathLike[str] | None = None,
+    device: str | torch.device | None = None,
+    encoder: CaptionEncoder | OnnxCaptionEncoder | None = None,
+    download: bool = False,
+    notify: Callable[[str], None] = lambda message: None,
+) -> Path | None:
+    """empty_caption.npy in `export_dir`, or None (said through `notify`) when no encoder is available.
+
+    By default only an encoder already on this machine is used (a local directory, an
+    exported encoder or the Hugging Face cache): an export should not start a 5 GB download.
+    """
+    model = str(caption_model or default_caption_model())
+    try:
+        encoder = encoder or load_encoder(model, device=device, local_files_only=not download)
+        path = save_empty_caption(encoder, export_dir)
+    except CaptionError as exc:
+        notify(f"no unconditional caption stored (pid-run will need a caption): {exc}")
+        return None
+    notify(f"stored the unconditional caption embedding {path}")
+    return path
+
+
+class SelectedHiddenStates(torch.nn.Module):
+    """Decoder stack + SPEC sec. 6 position selection, float32 out."""
+
+    def __init__(self, decoder: torch.nn.Module, max_length: int):
+        super().__init__()
+        self.decoder = decoder
+        self.register_buffer("keep", torch.tensor(selected_positions(max_length)), persistent=False)
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        hidden = self.decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        return hidden.index_select(1, self.keep).float()
+
+
+def standalone_tokenizer(encoder: CaptionEncoder):
+    """The transformers tokenizer's `tokenizers` pipeline, without padding or truncation settings."""
+    tokenizer = encoder.tokenizer.backend_tokenizer
+    copy = type(tokenizer).from_str(tokenizer.to_str())
+    copy.no_padding()
+    copy.no_truncation()
+    return copy
+
+
+def check_tokenizer_matches(encoder: CaptionEncoder, tokenizer, pad_id: int) -> None:
+    """Refuse to export when the standalone pipeline tokenises differently from transformers."""
+    tokenizer.enable_padding(direction="right", pad_id=pad_id, length=encoder.max_length)
+    tokenizer.enable_truncation(encoder.max_length, direction="right")
+    expected = encoder.tokenize(list(CHECK_PROMPTS))["input_ids"].tolist()
+    got = [e.ids for e in tokenizer.encode_batch([encoder.prefix + p for p in CHECK_PROMPTS])]
+    tokenizer.no_padding()
+    tokenizer.no_truncation()
+    if got != expected:
+        raise CaptionError("the tokenizer cannot be exported: its standalone pipeline gives different token ids")
+
+
+def export_caption_encoder(encoder: CaptionEncoder, out_dir: str | os.PathLike[str], opset: int = OPSET) -> Path:
+    """Write caption_encoder.onnx (+ .data when large), caption_tokenizer.json, caption_encoder.json."""
+    if encoder.model.dtype != torch.float32:
+        raise CaptionError("export the caption encoder from a float32 model (CaptionEncoder.load(..., dtype=torch.float32))")
+    pad_id, pad_token = encoder.tokenizer.pad_token_id, encoder.tokenizer.pad_token
+    tokenizer = standalone_tokenizer(encoder)
+    check_tokenizer_matches(encoder, tokenizer, pad_id)
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    module = SelectedHiddenStates(encoder.model, encoder.max_length).eval()
+    sample = encoder.tokenize(["a red cat", ""])  # batch 2: torch.export would specialise a batch of 1
+    sample = {name: value.to(encoder.device) for name, value in sample.items()}
+    batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
+    settings = {
+        "prefix": encoder.prefix,
+        "n_prefix_tokens": encoder.n_prefix_tokens,
+        "max_length": encoder.max_length,
+        "hidden_size": encoder.hidden_size,
+        "pad_id": pad_id,
+        "pad_token": pad_token,
+        "opset": opset,
+        "source_model": str(encoder.model.config.name_or_path),
+        "inputs": {"input_ids": ["batch", encoder.max_length], "attention_mask": ["batch", encoder.max_length]},
+        "outputs": {"y": ["batch", 300, encoder.hidden_size]},
+    }
+    with tempfile.TemporaryDirectory(dir=out_dir, prefix=".caption_export-") as staging_name:
+        staging = Path(staging_name)
+        with torch.no_grad():
+            program = torch.onnx.export(
+                module,
+                (sample["input_ids"], sample["attention_mask"]),
+                input_names=["input_ids", "attention_mask"],
+                output_names=["y"],
+                dynamic_shapes={"input_ids": {0: batch}, "attention_mask": {0: batch}},
+                opset_version=opset,
+                dynamo=True,
+                verbose=False,
+            )
+        if program is None:  # only a dynamo=False export returns nothing
+            raise CaptionError("the ONNX exporter returned no program")
+        program.save(staging / ONNX_ENCODER_NAME)  # weights go to a .data file when over 2 GB
+        tokenizer.save(str(staging / ONNX_TOKENIZER_NAME))
+        (staging / ONNX_ENCODER_METADATA).write_text(json.dumps(settings, indent=1) + "\n")
+        (out_dir / ONNX_ENCODER_METADATA).unlink(missing_ok=True)
+        for path in sorted(staging.iterdir(), key=lambda p: p.name == ONNX_ENCODER_METADATA):
+            shutil.move(str(path), out_dir / path.name)
+    return out_dir
