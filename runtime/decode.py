@@ -1,0 +1,317 @@
+"""One decode, backend-agnostic: check the inputs, get the noise, bind, sample, time each step.
+
+Noise and batching: with a seed, the noise of the *whole* batch is drawn at once in
+the reference order (initial noise [B,3,H,W], then one eps [B,3,H,W] per re-noise
+step) by one torch.Generator on the backend's device, exactly as an un-chunked
+reference decode draws it. `batch_size` chunks then take their slices of those
+tensors, so every item's image is the same whatever `batch_size` is, and equals
+the reference decode of the full batch with that seed. With fixed noise
+(`noise`, `eps` [S-1,B,3,H,W]) the chunks slice the given tensors the same way.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from .backends.base import Backend
+from .metadata import ModelMetadata
+from .sampler import MAX_STEPS, draw_noise, num_renoise, sample
+
+PATCH_SIZE = 16  # SPEC: every released network; a custom export's own value is in its metadata
+# Output sizes (px, either side) each release variant was trained for; mirrors the
+# registry in pid_export.releases (SPEC sec. 2), which the runtime must not import.
+VARIANT_SIDES = {"2k": (1536, 2688), "2kto4k": (1536, 4096)}
+
+
+class DecodeError(ValueError):
+    """Inputs that do not fit the model or each other (the message says what to change)."""
+
+
+@dataclass
+class DecodeInputs:
+    """Checked inputs, batch-aligned: every tensor has the latents' batch size B."""
+
+    latents: Tensor  # [B,C,h,w]
+    caption: Tensor  # [B,Lt,D]
+    sigma: Tensor  # [B]
+    height: int
+    width: int
+    noise: Tensor | None = None  # [B,3,H,W]
+    eps: Tensor | None = None  # [steps-1,B,3,H,W]
+
+    @property
+    def batch(self) -> int:
+        return self.latents.shape[0]
+
+
+@dataclass
+class DecodeTimings:
+    """Seconds. `steps[c][i]`: network call i (plus its step math) of chunk c; empty for a
+    chunk whose loop ran as one CUDA graph. `loops[c]`: chunk c's whole sampler loop."""
+
+    noise: float = 0.0
+    bind: list[float] = field(default_factory=list)
+    steps: list[list[float]] = field(default_factory=list)
+    loops: list[float] = field(default_factory=list)
+    total: float = 0.0
+
+    def step_totals(self) -> list[float]:
+        """Per step index, summed over chunks (empty when a chunk has no per-step times)."""
+        if not self.steps or any(len(chunk) != len(self.steps[0]) for chunk in self.steps):
+            return []
+        return [sum(chunk[i] for chunk in self.steps) for i in range(len(self.steps[0]))]
+
+
+@dataclass
+class DecodeResult:
+    images: Tensor  # float32 [B,3,H,W] in [-1,1] (the clamped sample), on the CPU
+    timings: DecodeTimings
+    seed: int | None
+
+
+# ---------------------------------------------------------------------------
+# Checks
+
+
+def _need_finite(tensor: Tensor, what: str) -> None:
+    if not bool(torch.isfinite(tensor).all()):
+        raise DecodeError(f"{what} contain NaN or Inf values")
+
+
+def output_size(meta: ModelMetadata, latents: Tensor) -> tuple[int, int]:
+    return latents.shape[-2] * meta.pixel_scale, latents.shape[-1] * meta.pixel_scale
+
+
+def release_variant(meta: ModelMetadata) -> str | None:
+    """`2k` / `2kto4k` from the release name (e.g. PiD_res2kto4k_sr4x_official_flux_distill_4step)."""
+    name = (meta.release or "").lower()
+    if "2kto4k" in name:
+        return "2kto4k"
+    if "res2k" in name:
+        return "2k"
+    return None
+
+
+SizeRange = tuple[tuple[int, int], tuple[int, int]]  # ((min H, min W), (max H, max W))
+
+
+def supported_size_range(backend: Backend) -> tuple[SizeRange | None, str]:
+    """Output sizes `backend` can decode, and what sets them ("engine" profile or "export" metadata).
+
+    A TensorRT backend knows its optimization profile (`profile_ranges`), which
+    pid-export may have built wider or narrower than the release's trained range.
+    """
+    ranges = getattr(backend, "profile_ranges", None)
+    if isinstance(ranges, dict) and "x" in ranges:
+        low, high = ranges["x"]
+        return ((int(low[2]), int(low[3])), (int(high[2]), int(high[3]))), "engine"
+    meta = backend.meta
+    if meta.min_size is None or meta.max_size is None:
+        return None, "export"
+    return ((int(meta.min_size[0]), int(meta.min_size[1])), (int(meta.max_size[0]), int(meta.max_size[1]))), "export"
+
+
+def check_output_size(meta: ModelMetadata, height: int, width: int, latent_hw: tuple[int, int],
+                      size_range: SizeRange | None = None, source: str = "export") -> None:
+    patch = int(meta.network.get("patch_size", PATCH_SIZE))
+    if height % patch or width % patch:
+        raise DecodeError(f"output size {height}x{width} (latent {latent_hw[0]}x{latent_hw[1]} x {meta.pixel_scale} "
+                          f"px per cell) is not a multiple of {patch}; crop or pad the latent")
+    if size_range is None:
+        return
+    (min_h, min_w), (max_h, max_w) = size_range
+    if min_h <= height <= max_h and min_w <= width <= max_w:
+        return
+    variant = release_variant(meta)
+    range_text = f"{min_h}x{min_w} to {max_h}x{max_w}" + (f", the {variant} variant" if variant else "")
+    message = f"output size {height}x{width} is outside the range this {source} supports ({range_text})"
+    if variant is not None:
+        covering = [v for v, (lo, hi) in VARIANT_SIDES.items() if lo <= min(height, width) and max(height, width) <= hi]
+        if covering:
+            message += f"; the {' / '.join(covering)} release of this backbone covers it"
+        else:
+            message += "; no PiD release was trained for it (" + ", ".join(
+                f"{v}: {lo}..{hi} px" for v, (lo, hi) in VARIANT_SIDES.items()) + ")"
+    else:
+        message += "; re-export (or rebuild the engine) with a range that includes it"
+    raise DecodeError(message)
+
+
+def _batched(values: Tensor, batch: int, what: str, latents_batch_text: str) -> Tensor:
+    """Expand a batch of 1 to `batch`; any other count must equal `batch`."""
+    if values.shape[0] == batch:
+        return values
+    if values.shape[0] == 1:
+        return values.expand(batch, *values.shape[1:])
+    raise DecodeError(f"batch mismatch: {latents_batch_text} but {what} have {values.shape[0]} (give 1 or {batch})")
+
+
+def check_inputs(meta: ModelMetadata, latents: Tensor, caption: Tensor, sigma: float | Sequence[float] | Tensor,
+                 steps: int = MAX_STEPS, noise: Tensor | None = None, eps: Tensor | None = None,
+                 size_range: SizeRange | None = None, range_source: str = "export") -> DecodeInputs:
+    """Validate everything against the model and each other; raise DecodeError with the fix."""
+    if not 1 <= steps <= MAX_STEPS:
+        raise DecodeError(f"steps must be between 1 and {MAX_STEPS}, got {steps}")
+    if latents.ndim != 4:
+        raise DecodeError(f"latents have shape {list(latents.shape)}, expected [B,C,h,w]")
+    batch, channels, lat_h, lat_w = latents.shape
+    if channels != meta.latent_channels:
+        model = meta.release or "this model"
+        raise DecodeError(f"latents have {channels} channels but {model} takes {meta.latent_channels}-channel latents "
+                          "(was the latent made by a different LDM?)")
+    _need_finite(latents, "latents")
+    height, width = output_size(meta, latents)
+    check_output_size(meta, height, width, (lat_h, lat_w), size_range, range_source)
+    items = f"latents have {batch} item{'s' if batch != 1 else ''}"
+
+    if caption.ndim != 3:
+        raise DecodeError(f"caption embeddings have shape {list(caption.shape)}, expected [B or 1, tokens, dim]")
+    if caption.shape[-1] != meta.txt_embed_dim:
+        raise DecodeError(f"caption embeddings have dim {caption.shape[-1]} but this model takes "
+                          f"{meta.txt_embed_dim} (Gemma-2-2b-it hidden states for the released models)")
+    if caption.shape[1] == 0:
+        raise DecodeError("caption embeddings have 0 tokens")
+    _need_finite(caption, "caption embeddings")
+    # The network reads only the first txt_max_length tokens (SPEC 3.5); longer files are cut here.
+    caption = _batched(caption[:, : meta.txt_max_length], batch, "caption embeddings", items)
+
+    sigma_t = torch.as_tensor(sigma, dtype=torch.float32).reshape(-1)
+    if sigma_t.numel() == 0:
+        raise DecodeError("no sigma given")
+    if not bool(torch.isfinite(sigma_t).all()) or bool(((sigma_t < 0) | (sigma_t > 1)).any()):
+        raise DecodeError(f"sigma must be within [0, 1] (0 for a final, clean latent), got "
+                          f"{', '.join(f'{s:g}' for s in sigma_t.tolist())}")
+    sigma_t = _batched(sigma_t, batch, "sigma values", items)
+
+    if (noise is None) != (eps is None):
+        raise DecodeError("fixed noise needs both 'noise' and 'eps'")
+    if noise is not None and eps is not None:
+        want = [batch, 3, height, width]
+        if list(noise.shape) != want:
+            kind = "batch mismatch" if list(noise.shape[1:]) == want[1:] else "shape mismatch"
+            raise DecodeError(f"{kind}: noise is {list(noise.shape)} but these latents need {want}")
+        if eps.ndim != 5 or list(eps.shape[1:]) != want or eps.shape[0] < num_renoise(steps):
+            raise DecodeError(f"eps is {list(eps.shape)} but {steps} steps on these latents need "
+                              f"[{num_renoise(steps)}, {', '.join(map(str, want))}]")
+        _need_finite(noise, "noise")
+        _need_finite(eps, "eps")
+    return DecodeInputs(latents, caption, sigma_t, height, width, noise, eps)
+
+
+def fixed_batch(meta: ModelMetadata) -> int | None:
+    """The batch size a static-shape export was built for (None when dynamic)."""
+    for spec in meta.inputs:
+        dims = spec.get("shape") or [None]
+        if spec.get("name") == "x" and isinstance(dims[0], int) and dims[0] > 0:
+            return dims[0]
+    return None
+
+
+def chunk_bounds(batch: int, batch_size: int | None, meta: ModelMetadata) -> list[tuple[int, int]]:
+    size = batch if batch_size is None else batch_size
+    if size < 1:
+        raise DecodeError(f"batch size must be at least 1, got {size}")
+    bounds = [(start, min(start + size, batch)) for start in range(0, batch, size)]
+    fixed = fixed_batch(meta)
+    if fixed is not None and any(stop - start != fixed for start, stop in bounds):
+        raise DecodeError(f"this export has a fixed batch of {fixed}: decode {fixed} item(s) at a time "
+                          f"(--batch-size {fixed} with a multiple of {fixed} latents) or re-export with dynamic shapes")
+    return bounds
+
+
+# ---------------------------------------------------------------------------
+# The decode
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def decode(backend: Backend, latents: Tensor, caption: Tensor, sigma: float | Sequence[float] | Tensor = 0.0,
+           seed: int | None = 0, steps: int = MAX_STEPS, noise: tuple[Tensor, Tensor] | None = None,
+           batch_size: int | None = None,
+           on_step: Callable[[int, int, float, float], None] | None = None) -> DecodeResult:
+    """Decode `latents` [B,C,h,w] to images float32 [B,3,H,W] in [-1,1].
+
+    `noise` = (noise [B,3,H,W], eps [S-1,B,3,H,W]) replaces the seeded draw.
+    `on_step(chunk, step, t, seconds)` reports each network step as it finishes.
+    """
+    fixed_noise, fixed_eps = noise if noise is not None else (None, None)
+    size_range, range_source = supported_size_range(backend)
+    inputs = check_inputs(backend.meta, latents, caption, sigma, steps, fixed_noise, fixed_eps,
+                          size_range, range_source)
+    bounds = chunk_bounds(inputs.batch, batch_size, backend.meta)
+    device = backend.device
+    timings = DecodeTimings()
+    start = time.perf_counter()
+
+    shape = (inputs.batch, 3, inputs.height, inputs.width)
+    if inputs.noise is not None and inputs.eps is not None:
+        all_noise, all_eps = inputs.noise, list(inputs.eps[: num_renoise(steps)])
+        used_seed = None
+    else:
+        if seed is None:
+            raise DecodeError("give a seed or fixed noise")
+        all_noise, all_eps = draw_noise(shape, steps, seed, device)
+        if len(bounds) > 1 and device.type == "cuda":
+            # Drawn whole (that is what makes chunking invisible); parked on the host between chunks.
+            all_noise, all_eps = all_noise.cpu(), [e.cpu() for e in all_eps]
+        used_seed = seed
+    _sync(device)
+    timings.noise = time.perf_counter() - start
+
+    outputs = []
+    for chunk, (lo, hi) in enumerate(bounds):
+        t0 = time.perf_counter()
+        backend.bind(inputs.caption[lo:hi].to(device), inputs.latents[lo:hi].to(device),
+                     inputs.sigma[lo:hi].to(device), inputs.height, inputs.width)
+        _sync(device)
+        timings.bind.append(time.perf_counter() - t0)
+        chunk_noise, chunk_eps = all_noise[lo:hi].to(device), [e[lo:hi].to(device) for e in all_eps]
+        chunk_steps: list[float] = []
+        loop_start = time.perf_counter()
+        last = [loop_start]
+
+        def record(step: int, t: float, chunk: int = chunk, chunk_steps: list[float] = chunk_steps,
+                   last: list[float] = last) -> None:
+            _sync(device)
+            now = time.perf_counter()
+            chunk_steps.append(now - last[0])
+            last[0] = now
+            if on_step is not None:
+                on_step(chunk, step, t, chunk_steps[-1])
+
+        own_loop = getattr(backend, "sample", None)
+        if callable(own_loop):  # e.g. TensorRT, which may replay the loop as one CUDA graph
+            x = own_loop(chunk_noise, chunk_eps, steps, on_step=record)
+        else:
+            x = sample(backend.velocity, chunk_noise, chunk_eps, steps=steps, x_buffer=backend.input_buffer(),
+                       on_step=record)
+        outputs.append(x.to("cpu", torch.float32))
+        _sync(device)
+        timings.loops.append(time.perf_counter() - loop_start)
+        timings.steps.append(chunk_steps)
+    timings.total = time.perf_counter() - start
+    images = torch.cat(outputs) if len(outputs) > 1 else outputs[0]
+    if not bool(torch.isfinite(images).all()):  # e.g. an fp16 engine overflowing
+        raise DecodeError("the model produced NaN or Inf values")
+    return DecodeResult(images, timings, used_seed)
+
+
+def format_timings(timings: DecodeTimings) -> str:
+    """The summary line: total, then where the time went (per-step lines come from `on_step`)."""
+    per_step = timings.step_totals()
+    detail = f" ({', '.join(f'{seconds * 1e3:.1f}' for seconds in per_step)} ms)" if per_step else " (one graph)"
+    chunks = f", {len(timings.loops)} chunks" if len(timings.loops) > 1 else ""
+    return (f"total {timings.total:.3f} s: steps {sum(timings.loops):.3f} s{detail}, "
+            f"bind {sum(timings.bind) * 1e3:.1f} ms, noise {timings.noise * 1e3:.1f} ms{chunks}")
+
+
+__all__ = ["DecodeError", "DecodeInputs", "DecodeResult", "DecodeTimings", "check_inputs", "decode",
+           "format_timings", "output_size", "supported_size_range"]
