@@ -13,16 +13,14 @@ from pathlib import Path
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:  # `benchmarks` is a folder of the checkout, not an installed package
-    sys.path.insert(0, str(REPO))
+from benchmarks.flops import network_call_flops
+from benchmarks.hardware import peak_tflops
+from benchmarks.report import accuracy
+from pid_export.config import PidConfig
+from pid_export.network import PidNet
+from pid_export.releases import get_release
 
-from benchmarks.flops import network_call_flops  # noqa: E402
-from benchmarks.hardware import peak_tflops  # noqa: E402
-from benchmarks.report import accuracy  # noqa: E402
-from pid_export.config import PidConfig  # noqa: E402
-from pid_export.network import PidNet  # noqa: E402
-from pid_export.releases import get_release  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 # SPEC sec. 8 table (stated there, not computed here): output -> (L, TFLOP per step,
 # TFLOP per 4-step image, attention share), for the v1 network with Lt = 300.

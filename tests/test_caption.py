@@ -326,6 +326,21 @@ def test_embed_to_file_writes_what_the_encoder_makes(encoder, direct_embeddings,
         embed_to_file(["a cat"], tmp_path / "missing" / "emb.npy", encoder=encoder)
 
 
+def test_pid_run_embed_subcommand_writes_the_embeddings(tiny_model, direct_embeddings, tmp_path, capsys):
+    from pid_runtime.cli import main
+
+    out = tmp_path / "emb.npy"
+    args = ["embed", "a red cat on a mat", "a cat", "--caption-model", str(tiny_model[0]), "--device", "cpu"]
+    assert main(args + ["--out", str(out)]) == 0
+    assert "wrote" in capsys.readouterr().out
+    torch.testing.assert_close(load_caption(out), direct_embeddings[[0, 2]], rtol=1e-5, atol=1e-6)
+
+    missing = tmp_path / "nowhere" / "emb.npy"
+    assert main(args + ["--out", str(missing)]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("pid-run") and not missing.parent.exists()
+
+
 def test_store_empty_caption_at_export_time(tiny_model, direct_embeddings, tmp_path, monkeypatch):
     from pid_export.caption_export import store_empty_caption
 
