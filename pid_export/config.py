@@ -108,11 +108,14 @@ class PidConfig:
             need(getattr(self, name) > 0, f"{name} must be positive")
         need(self.lq_num_res_blocks >= 0, "lq_num_res_blocks must be >= 0")
         need(self.hidden_size % self.num_groups == 0, "hidden_size must be divisible by num_groups")
-        need((self.hidden_size // self.num_groups) % 4 == 0, "patch head dim must be a multiple of 4 (2D RoPE)")
+        # 2D RoPE: d/4 frequencies per axis, NTK exponent a/(a-2) with a = d/2, so d >= 8.
+        need((self.hidden_size // self.num_groups) % 4 == 0 and self.hidden_size // self.num_groups >= 8,
+             "patch head dim (hidden_size / num_groups) must be a multiple of 4 and >= 8 (2D RoPE)")
         need(self.pixel_attn_hidden_size % self.pixel_num_groups == 0,
              "pixel_attn_hidden_size must be divisible by pixel_num_groups")
-        need((self.pixel_attn_hidden_size // self.pixel_num_groups) % 4 == 0,
-             "pixel head dim must be a multiple of 4 (2D RoPE)")
+        pixel_head = self.pixel_attn_hidden_size // self.pixel_num_groups
+        need(pixel_head % 4 == 0 and pixel_head >= 8,
+             "pixel head dim (pixel_attn_hidden_size / pixel_num_groups) must be a multiple of 4 and >= 8 (2D RoPE)")
         need(self.lq_hidden_dim % 4 == 0, "lq_hidden_dim must be divisible by 4 (GroupNorm groups)")
         need(self.lq_gate_type in GATE_TYPES, f"lq_gate_type must be one of {GATE_TYPES}")
         need(self.lq_conv_padding_mode in PADDING_MODES, f"lq_conv_padding_mode must be one of {PADDING_MODES}")

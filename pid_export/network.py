@@ -86,14 +86,14 @@ def normalised_positions(n: int, device: torch.device) -> Tensor:
     return index_range(n, device) * step
 
 
-def rope_2d_angles(gh: int, gw: int, head_dim: int, ref_grid: int, device: torch.device) -> Tensor:
+def rope_2d_angles(gh: int, gw: int, head_dim: int, ref_h: int, ref_w: int, device: torch.device) -> Tensor:
     """NTK-aware 2D RoPE angles for a (gh, gw) token grid: [gh*gw, head_dim/2]."""
     a = head_dim / 2
     exponent = a / (a - 2)
     j = torch.arange(head_dim // 4, device=device, dtype=torch.float32)
     # theta^(-4j/d) = exp(-(4j/d) * (ln 10000 + exponent * ln(g / R)))
-    log_theta_h = math.log(10000.0) + exponent * torch.log(torch.tensor(gh / ref_grid, device=device))
-    log_theta_w = math.log(10000.0) + exponent * torch.log(torch.tensor(gw / ref_grid, device=device))
+    log_theta_h = math.log(10000.0) + exponent * torch.log(torch.tensor(gh / ref_h, device=device))
+    log_theta_w = math.log(10000.0) + exponent * torch.log(torch.tensor(gw / ref_w, device=device))
     fh = torch.exp(-(4.0 / head_dim) * j * log_theta_h)
     fw = torch.exp(-(4.0 / head_dim) * j * log_theta_w)
     py = normalised_positions(gh, device)[:, None, None] * fh  # [gh, 1, d/4]
@@ -414,8 +414,9 @@ class PidNet(nn.Module):
         raise TypeError(f"cannot build PidNet from {type(config).__name__}")
 
     def _rope(self, gh: int, gw: int, head_dim: int, device: torch.device) -> tuple[Tensor, Tensor]:
-        ref_grid = self.cfg.rope_ref_h // self.cfg.patch_size
-        angles = rope_2d_angles(gh, gw, head_dim, ref_grid, device)
+        cfg = self.cfg  # reference grid in patches: rope_ref_{h,w} px / patch size
+        angles = rope_2d_angles(gh, gw, head_dim, cfg.rope_ref_h // cfg.patch_size, cfg.rope_ref_w // cfg.patch_size,
+                                device)
         return torch.cos(angles), torch.sin(angles)
 
     def forward(self, x: Tensor, t: Tensor, y: Tensor, lq_latent: Tensor, degrade_sigma: Tensor,
