@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any, Iterable
 
 import numpy as np
+from pid_runtime.io import atomic_write
 from torch import Tensor
 
 
@@ -37,12 +37,7 @@ def accuracy(output: Tensor, reference: Tensor) -> dict[str, float | None]:
 
 def _write_atomic(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
-    try:
-        partial.write_bytes(data)
-        os.replace(partial, path)
-    finally:
-        partial.unlink(missing_ok=True)
+    atomic_write(path, lambda temp: temp.write_bytes(data))
 
 
 def write_json(path: Path, document: dict[str, Any]) -> None:
@@ -174,14 +169,11 @@ def write_plot(path: Path, document: dict[str, Any]) -> str | None:
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8, title="dot: median, bar: up to p90", title_fontsize=7)
     fig.tight_layout()
-    partial = path.with_name(f".{path.stem}.partial-{os.getpid()}.png")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(partial)
-        os.replace(partial, path)
+        atomic_write(path, fig.savefig)
     finally:
         plt.close(fig)
-        partial.unlink(missing_ok=True)
     return None
 
 

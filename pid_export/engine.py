@@ -16,7 +16,6 @@ from __future__ import annotations
 import datetime
 import hashlib
 import json
-import os
 import re
 import time
 from dataclasses import asdict, dataclass
@@ -36,6 +35,7 @@ from pid_runtime.backends.tensorrt import (
     tensorrt_problem,
     version_tuple,
 )
+from pid_runtime.io import atomic_write
 from pid_runtime.metadata import ENGINE_NAME, INPUT_NAMES, MODEL_METADATA, ModelMetadata
 
 from .config import PidConfig
@@ -190,13 +190,7 @@ def profile_shapes(profile: EngineProfile) -> dict[str, tuple[Shape, Shape, Shap
 
 def write_atomic(path: Path, data: bytes) -> None:
     """Write via a temp name in the same directory, then rename: never a half-written file."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with tmp.open("wb") as handle:
-            handle.write(data)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_write(path, lambda temp: temp.write_bytes(data))
 
 
 def onnx_sha256(onnx_path: Path) -> str:

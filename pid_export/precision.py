@@ -18,6 +18,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .network import PidNet
+
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -28,14 +30,14 @@ def precision_dtype(precision: str) -> torch.dtype:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}") from None
 
 
-def float32_islands(net: nn.Module, precision: str) -> list[nn.Module]:
+def float32_islands(net: PidNet, precision: str) -> list[nn.Module]:
     islands: list[nn.Module] = [net.t_embedder]
     if precision == "fp16":
         islands.append(net.y_embedder.proj)
     return islands
 
 
-def apply_precision(net: nn.Module, precision: str) -> nn.Module:
+def apply_precision(net: PidNet, precision: str) -> PidNet:
     """Cast `net` in place to `precision` with the float32 islands above; returns net."""
     dtype = precision_dtype(precision)
     net.to(dtype)

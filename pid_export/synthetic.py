@@ -21,6 +21,8 @@ from typing import Iterator
 import torch
 from torch import Tensor, nn
 
+from pid_runtime.io import atomic_write
+
 from .checkpoints import NETWORK_PREFIX
 from .config import PidConfig
 from .network import GroupNorm, PidNet, RMSNorm
@@ -125,15 +127,13 @@ def write_synthetic_checkpoint(release_or_cfg: Release | PidConfig, path: str | 
     """
     path = Path(path)
     state = synthetic_state_dict(_config_of(release_or_cfg), dtype, seed, with_aux_head, prefix)
-    partial = path.with_name(path.name + ".partial")
-    try:
+
+    def write(temp: Path) -> None:
         if path.suffix == ".safetensors":
             from safetensors.torch import save_file
 
-            save_file(state, str(partial), metadata={"format": "pt", "synthetic": "random weights"})
+            save_file(state, str(temp), metadata={"format": "pt", "synthetic": "random weights"})
         else:
-            torch.save(state, partial)
-        os.replace(partial, path)
-    finally:
-        partial.unlink(missing_ok=True)
-    return path
+            torch.save(state, temp)
+
+    return atomic_write(path, write)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import importlib.resources
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -22,7 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .io import load_caption
+from .io import atomic_write, load_caption
 from .metadata import EMPTY_CAPTION_NAME
 
 DEFAULT_MODEL = "Efficient-Large-Model/gemma-2-2b-it"
@@ -301,11 +300,8 @@ def write_embeddings(embeddings: Tensor, path: str | os.PathLike[str]) -> Path:
     path = check_embedding_path(path)
     suffix = path.suffix.lower()
     tensor = embeddings.detach().to("cpu", torch.float32).contiguous()
-    # Same directory and suffix, so the rename is atomic and numpy does not append a second suffix.
-    handle, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
-    os.close(handle)
-    temp = Path(temp_name)
-    try:
+
+    def write(temp: Path) -> None:
         if suffix == ".npy":
             np.save(temp, tensor.numpy())
         elif suffix == ".npz":
@@ -314,10 +310,8 @@ def write_embeddings(embeddings: Tensor, path: str | os.PathLike[str]) -> Path:
             from safetensors.torch import save_file
 
             save_file({EMBEDDING_KEY: tensor}, str(temp))
-        os.replace(temp, path)
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise
+
+    atomic_write(path, write)
     return path
 
 

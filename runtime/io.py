@@ -199,7 +199,14 @@ def write_output(sample: Tensor, path: str | os.PathLike[str], bit_depth: int = 
     return targets
 
 
-def _write_all_atomically(targets: list[Path], writers: list[Callable[[Path], None]]) -> None:
+def atomic_write(target: str | os.PathLike[str], write: Callable[[Path], object]) -> Path:
+    """`write(temp)` into a temporary file beside `target`, then rename it: never a half-written file."""
+    target = Path(target)
+    _write_all_atomically([target], [write])
+    return target
+
+
+def _write_all_atomically(targets: list[Path], writers: Sequence[Callable[[Path], object]]) -> None:
     """Write each target under a temporary name, then rename them all; on failure leave nothing."""
     temps: list[Path] = []
     placed: list[Path] = []
