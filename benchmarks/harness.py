@@ -23,6 +23,7 @@ import torch
 
 from pid_export.config import PidConfig
 from pid_export.network import PidNet
+from pid_runtime.errors import first_line
 from pid_runtime.sampler import draw_noise, sample
 
 from .backends import BackendSkipped, BenchBackend, DecodeInputs, TorchEager, make_backend
@@ -76,8 +77,7 @@ def _decode(velocity, inputs: DecodeInputs, steps: int, buffer, on_step=None) ->
 
 
 def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return f"{type(exc).__name__}: {text.splitlines()[0][:300]}"
+    return f"{type(exc).__name__}: {first_line(exc)}"
 
 
 def time_backend(backend: BenchBackend, inputs: DecodeInputs, s: Settings, record: dict[str, Any]

@@ -26,6 +26,8 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor
 
+from pid_runtime.errors import first_line
+
 from .config import PidConfig
 from .network import PidNet
 from .releases import CHECKPOINT_FILENAME, Release, labels_text, releases_with_lq_layout
@@ -275,6 +277,4 @@ def _few(items: list[str], limit: int = 3) -> str:
 
 def _first_line(exc: BaseException, limit: int = 160) -> str:
     """The first sentence of a library's error message (they can run to many lines)."""
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    text = text.split(". ")[0].rstrip(".")
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+    return first_line(exc, limit).split(". ")[0].rstrip(".")

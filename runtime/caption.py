@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .errors import first_line
 from .io import atomic_write, load_caption
 from .metadata import EMPTY_CAPTION_NAME
 
@@ -76,14 +77,9 @@ def _hub_offline() -> bool:
     return value.strip().upper() in {"1", "ON", "YES", "TRUE"}
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0].rstrip(".") if text else type(exc).__name__
-
-
 def _load_error(model: str, exc: BaseException, no_download_reason: str | None) -> CaptionError:
     if Path(model).expanduser().is_dir():
-        return CaptionError(f"cannot load the caption model from directory {model}: {_first_line(exc)}")
+        return CaptionError(f"cannot load the caption model from directory {model}: {first_line(exc).rstrip('.')}")
     how = (
         f"pre-download it where the network is reachable (`hf download {model}`, then HF_HUB_OFFLINE=1 works)"
         " or pass a local directory holding the model"
@@ -92,7 +88,7 @@ def _load_error(model: str, exc: BaseException, no_download_reason: str | None) 
         return CaptionError(f"caption model '{model}' is not in the Hugging Face cache and {no_download_reason}: {how}")
     return CaptionError(
         f"caption model '{model}' is not in the Hugging Face cache and could not be downloaded"
-        f" ({_first_line(exc)}): {how}"
+        f" ({first_line(exc).rstrip('.')}): {how}"
     )
 
 
@@ -221,7 +217,7 @@ class OnnxCaptionEncoder:
         try:
             settings = json.loads((directory / ONNX_ENCODER_METADATA).read_text())
         except (OSError, json.JSONDecodeError) as exc:
-            raise CaptionError(f"cannot read the caption encoder settings in {directory}: {_first_line(exc)}") from None
+            raise CaptionError(f"cannot read the caption encoder settings in {directory}: {first_line(exc).rstrip('.')}") from None
         try:
             import onnxruntime
             from tokenizers import Tokenizer

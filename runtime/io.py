@@ -25,6 +25,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .errors import first_line
+
 INPUT_SUFFIXES = (".npy", ".npz", ".safetensors")
 OUTPUT_SUFFIXES = (".png", ".npy")
 LATENT_KEYS = ("lq_latent", "latents", "latent")
@@ -35,11 +37,6 @@ EPS_KEYS = ("eps", "sampler_eps")
 
 class InputError(ValueError):
     """An input or output file the user has to fix (missing, unreadable, wrong shape or dtype)."""
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0]
 
 
 # ---------------------------------------------------------------------------
@@ -64,7 +61,7 @@ def read_arrays(path: str | os.PathLike[str], what: str) -> dict[str, Tensor]:
 
         return dict(load_file(str(path)))
     except Exception as exc:  # numpy / zipfile / safetensors each raise their own types
-        raise InputError(f"cannot read {what} file {path}: {_first_line(exc)}") from None
+        raise InputError(f"cannot read {what} file {path}: {first_line(exc)}") from None
 
 
 def pick_array(arrays: dict[str, Tensor], keys: Sequence[str], path: str | os.PathLike[str], what: str) -> Tensor:

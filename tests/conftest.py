@@ -47,8 +47,8 @@ def rel_err(a, b) -> float:
     """||a - b|| / ||b|| (float64)."""
     import torch
 
-    a = torch.as_tensor(a).double()
-    b = torch.as_tensor(b).double()
+    a = torch.as_tensor(a).detach().cpu().double()  # engine outputs live on the GPU
+    b = torch.as_tensor(b).detach().cpu().double()
     return float((a - b).norm() / b.norm())
 
 

@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import GOLDEN, golden_net, golden_tensors, rel_err
 from pid_export import PidConfig
 from pid_export.engine import (
     EngineError,
@@ -43,7 +44,6 @@ from pid_runtime.backends.tensorrt import (
 from pid_runtime.metadata import ModelMetadata
 
 REPO = Path(__file__).resolve().parents[1]
-GOLDEN = Path("/work/shared/golden")
 RELEASES = json.loads((GOLDEN / "released_checkpoints.json").read_text()) if GOLDEN.exists() else {}
 
 
@@ -393,16 +393,7 @@ TOLERANCE = {"bf16": 3e-2, "fp16": 5e-3, "fp32": 5e-3}
 
 
 def _golden_net_and_tensors():
-    from safetensors.torch import load_file
-
-    from pid_export import PidNet
-
-    spec = json.loads((GOLDEN / f"{CASE}.json").read_text())
-    net = PidNet.from_config(spec["network"])
-    raw = torch.load(GOLDEN / f"{CASE}.pth", map_location="cpu", weights_only=True)
-    net.load_state_dict({k[4:]: v for k, v in raw.items()
-                         if k.startswith("net.") and not k.startswith("net.lq_proj.lq_aux_rgb_head.")})
-    return net.eval(), load_file(str(GOLDEN / f"{CASE}.safetensors"))
+    return golden_net(CASE), golden_tensors(CASE)
 
 
 @pytest.fixture(scope="module", params=["bf16", "fp16"])
@@ -421,11 +412,6 @@ def tiny_engine(request, tmp_path_factory):
     return precision, out
 
 
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double().cpu(), b.double().cpu()
-    return float((a - b).norm() / b.norm())
-
-
 def _bind_golden(backend: TensorRTBackend, g: dict) -> None:
     dev = backend.device
     backend.bind(g["y"].to(dev), g["lq_latent"].to(dev), g["degrade_sigma"].to(dev),
@@ -441,11 +427,11 @@ def test_engine_velocity_matches_golden(tiny_engine):
     _bind_golden(backend, g)
     v = backend.velocity(g["x"].to(backend.device), g["t"].to(backend.device))
     assert v.dtype == torch.float32 and bool(torch.isfinite(v).all())
-    assert _rel(v, g["velocity"]) < TOLERANCE[precision]
+    assert rel_err(v, g["velocity"]) < TOLERANCE[precision]
     # x written straight into the bound buffer gives the same answer without a copy.
     backend.input_buffer().copy_(g["x"])
     v2 = backend.velocity(backend.input_buffer(), g["t"].to(backend.device))
-    assert _rel(v2, v) < 1e-6
+    assert rel_err(v2, v) < 1e-6
 
 
 @pytest.mark.tensorrt
@@ -476,9 +462,9 @@ def test_engine_decode_matches_golden_sample(tiny_engine, cuda_graph):
     backend = TensorRTBackend(out / "engine.plan", cuda_graph=cuda_graph)
     _bind_golden(backend, g)
     image = backend.sample(g["sampler_noise"], list(g["sampler_eps"]), steps=4)
-    assert _rel(image, g["sampled_image"]) < 2 * TOLERANCE[precision]
+    assert rel_err(image, g["sampled_image"]) < 2 * TOLERANCE[precision]
     again = backend.sample(g["sampler_noise"], list(g["sampler_eps"]), steps=4)  # graph replay / reuse
-    assert _rel(again, image) < 1e-5
+    assert rel_err(again, image) < 1e-5
 
 
 @pytest.mark.tensorrt
@@ -548,4 +534,4 @@ def test_fp32_engine_verifies_against_onnx_runtime_and_weightless_plan_refits(tm
     backend = TensorRTBackend(out / "engine.plan")  # refits the weights from model.onnx
     _bind_golden(backend, g)
     v = backend.velocity(g["x"].to(backend.device), g["t"].to(backend.device))
-    assert _rel(v, g["velocity"]) < TOLERANCE["fp32"]
+    assert rel_err(v, g["velocity"]) < TOLERANCE["fp32"]

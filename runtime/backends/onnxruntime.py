@@ -14,17 +14,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..errors import first_line
 from ..metadata import INPUT_NAMES, OUTPUT_NAMES
 from . import load_model_metadata, resolve_device
 from .base import Backend, BackendError
 
 CUDA_PROVIDER = "CUDAExecutionProvider"
 GPU_HINT = "pip install 'pid-export[gpu]' (onnxruntime-gpu)"
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0]
 
 
 class OnnxRuntimeBackend(Backend):
@@ -56,7 +52,7 @@ class OnnxRuntimeBackend(Backend):
         try:
             self.session = ort.InferenceSession(str(self.onnx_path), options, providers=providers)
         except Exception as exc:  # onnxruntime raises its own pybind types (InvalidProtobuf, Fail, ...)
-            raise BackendError(f"ONNX Runtime cannot load {self.onnx_path}: {_first_line(exc)}") from None
+            raise BackendError(f"ONNX Runtime cannot load {self.onnx_path}: {first_line(exc)}") from None
         names = [i.name for i in self.session.get_inputs()]
         outputs = [o.name for o in self.session.get_outputs()]
         if sorted(names) != sorted(INPUT_NAMES) or list(outputs) != list(OUTPUT_NAMES):
@@ -96,7 +92,7 @@ class OnnxRuntimeBackend(Backend):
         except BackendError:
             raise
         except Exception as exc:  # a shape the export does not cover, provider failure, ...
-            raise BackendError(f"ONNX Runtime failed on {self.onnx_path}: {_first_line(exc)}") from None
+            raise BackendError(f"ONNX Runtime failed on {self.onnx_path}: {first_line(exc)}") from None
         return torch.from_numpy(np.asarray(out, dtype=np.float32))
 
     def _velocity_cuda(self, x: Tensor, t: Tensor) -> Tensor:
