@@ -51,15 +51,20 @@ def store_empty_caption(
     encoder: CaptionEncoder | OnnxCaptionEncoder | None = None,
     download: bool = False,
     notify: Callable[[str], None] = lambda message: None,
+    txt_embed_dim: int | None = None,
 ) -> Path | None:
     """empty_caption.npy in `export_dir`, or None (said through `notify`) when no encoder is available.
 
-    By default only an encoder already on this machine is used (a local directory, an
+    `txt_embed_dim`, when given, is the network's caption width: an encoder of another
+    width stores nothing. By default only an encoder already on this machine is used (a local directory, an
     exported encoder or the Hugging Face cache): an export should not start a 5 GB download.
     """
     model = str(caption_model or default_caption_model())
     try:
         encoder = encoder or load_encoder(model, device=device, local_files_only=not download)
+        if txt_embed_dim is not None and encoder.hidden_size != txt_embed_dim:
+            raise CaptionError(f"{model} gives {encoder.hidden_size}-d embeddings, the network takes "
+                               f"{txt_embed_dim}-d")
         path = save_empty_caption(encoder, export_dir)
     except CaptionError as exc:
         notify(f"no unconditional caption stored (pid-run will need a caption): {exc}")

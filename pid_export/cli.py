@@ -250,20 +250,10 @@ def export_release(network: PidConfig, release, checkpoint: Path | None, precisi
 
 def store_unconditional_caption(export_dir: Path, network: PidConfig, caption_model: str | None) -> None:
     """empty_caption.npy for pid-run's caption-less default, when an encoder is on this machine."""
-    import numpy as np
-
-    from pid_runtime.metadata import EMPTY_CAPTION_NAME
-
     from .caption_export import store_empty_caption
 
-    path = store_empty_caption(export_dir, caption_model, notify=lambda m: _say(f"    {m}"))
-    if path is None:
-        return
-    width = np.load(path, mmap_mode="r").shape[-1]
-    if width != network.txt_embed_dim:  # e.g. a custom network with another text width
-        (export_dir / EMPTY_CAPTION_NAME).unlink(missing_ok=True)
-        _say(f"    removed it again: the encoder gives {width}-d embeddings, the network takes "
-             f"{network.txt_embed_dim}-d")
+    store_empty_caption(export_dir, caption_model, notify=lambda m: _say(f"    {m}"),
+                        txt_embed_dim=network.txt_embed_dim)
 
 
 def _reference_net(network: PidConfig, checkpoint_path: Path):

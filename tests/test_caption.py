@@ -350,6 +350,12 @@ def test_store_empty_caption_at_export_time(tiny_model, direct_embeddings, tmp_p
     assert path == tmp_path / EMPTY_CAPTION_NAME and str(path) in messages[-1]
     torch.testing.assert_close(load_caption(path)[0], direct_embeddings[CAPTIONS.index("")], rtol=1e-5, atol=1e-6)
 
+    # An encoder of another width than the network's captions: nothing stored, a reason.
+    narrow = tmp_path / "narrow"
+    narrow.mkdir()
+    assert store_empty_caption(narrow, device="cpu", notify=messages.append, txt_embed_dim=2304) is None
+    assert list(narrow.iterdir()) == [] and "2304-d" in messages[-1]
+
     # A hub model that is not in the cache: no download, no file, a reason.
     elsewhere = tmp_path / "other"
     elsewhere.mkdir()
