@@ -174,17 +174,17 @@ class OnnxRuntime(RuntimeBackend):
 
     def _export(self, inputs: DecodeInputs) -> Path:
         try:
-            from pid_export.onnx_export import export_onnx
+            from pid_export.pipeline import LoadedNetwork, export_network
         except ImportError as exc:
-            raise BackendSkipped(f"pid_export.onnx_export is unavailable ({exc}); pass --onnx DIR") from None
+            raise BackendSkipped(f"pid_export.pipeline is unavailable ({exc}); pass --onnx DIR") from None
         height, width = inputs.size
         out_dir = self.work_dir / f"onnx-{self.precision}-b{inputs.batch}-{height}x{width}"
         # torch.onnx logs a warning per torchvision op it cannot register: noise here.
         logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
         start = time.perf_counter()
-        # export_onnx casts the network it is given in place: export a copy.
-        result = export_onnx(copy.deepcopy(self.net).cpu(), out_dir, self.precision,
-                             static_shape=(inputs.batch, height, width))
+        # The export casts the network it is given in place: export a copy.
+        result = export_network(LoadedNetwork(copy.deepcopy(self.net).cpu(), None, None), out_dir, self.precision,
+                                static_shape=(inputs.batch, height, width))
         self.export_s = time.perf_counter() - start
         y_shape = next((i["shape"] for i in result.metadata.inputs if i["name"] == "y"), None)
         text_len = inputs.y.shape[1]

@@ -18,6 +18,8 @@ from pathlib import Path
 import click
 import torch
 
+from pid_export.pipeline import PipelineError
+
 DEFAULT_SIZES = ((2048, 2048), (2304, 1728), (2688, 1536), (3840, 3840), (4096, 3072))
 DEFAULT_BACKENDS = ("torch-eager", "torch-compile", "onnxruntime", "tensorrt")
 QUICK_BACKENDS = ("torch-eager", "onnxruntime")
@@ -147,7 +149,7 @@ def main(quick, sizes, backends, device, precision, batch, steps, warmup, repeat
                                  on_update=lambda doc: write_results(doc, paths, final=False),
                                  say=lambda msg: click.echo(msg, err=True))
         why_no_plot = write_results(document, paths, final=True)
-    except (ValueError, OSError) as exc:  # bad checkpoint (CheckpointError is a ValueError), sizes, disk
+    except (PipelineError, ValueError, OSError) as exc:  # bad checkpoint or export, sizes, disk
         raise click.ClickException(str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from None
     finally:
         shutil.rmtree(settings.work_dir, ignore_errors=True)  # the per-size ONNX exports

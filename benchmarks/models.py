@@ -48,17 +48,14 @@ def release_config(name: str) -> tuple[str, PidConfig]:
 def build_network(cfg: PidConfig, device: torch.device, checkpoint: str | Path | None = None,
                   seed: int = 0) -> tuple[PidNet, str]:
     """(float32 PidNet on `device` in eval mode, description of its weights)."""
-    with torch.device("meta"):
-        net = PidNet(cfg)
     if checkpoint is not None:
-        from pid_export.checkpoints import load_checkpoint, verify_checkpoint
+        from pid_export.pipeline import load_network
 
-        state = load_checkpoint(checkpoint)
-        verify_checkpoint(state, cfg)
-        net.load_state_dict(state, assign=True)
-        net = net.to(device=device, dtype=torch.float32)
+        net = load_network(cfg, checkpoint=checkpoint).net.to(device=device, dtype=torch.float32)
         weights = f"checkpoint {Path(checkpoint).name}"
     else:
+        with torch.device("meta"):
+            net = PidNet(cfg)
         net = net.to_empty(device=device)
         _fill_synthetic(net, device, seed)
         weights = f"synthetic (seed {seed}, bf16-rounded, generated on {device.type})"

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from pid_runtime.caption import (
+    hub_offline,
     ONNX_ENCODER_METADATA,
     ONNX_ENCODER_NAME,
     ONNX_TOKENIZER_NAME,
@@ -37,6 +38,7 @@ from pid_runtime.caption import (
     save_empty_caption,
     selected_positions,
 )
+from pid_runtime.errors import first_line
 
 OPSET = 20
 MAX_BATCH = 256
@@ -53,24 +55,74 @@ def store_empty_caption(
     notify: Callable[[str], None] = lambda message: None,
     txt_embed_dim: int | None = None,
 ) -> Path | None:
-    """empty_caption.npy in `export_dir`, or None (said through `notify`) when no encoder is available.
+    """empty_caption.npy in `export_dir`, or None (said through `notify` in one line) when no encoder is available.
 
-    `txt_embed_dim`, when given, is the network's caption width: an encoder of another
-    width stores nothing. By default only an encoder already on this machine is used (a local directory, an
-    exported encoder or the Hugging Face cache): an export should not start a 5 GB download.
+    The encoder is a local directory, an exported encoder, or a hub model in the Hugging Face
+    cache; with `download` (and HF_HUB_OFFLINE unset) a hub model that is not cached is
+    fetched into the cache first (its size announced, progress shown). `txt_embed_dim`,
+    when given, is the network's caption width: an encoder of another width stores nothing
+    (checked on the model's config before any large download).
     """
     model = str(caption_model or default_caption_model())
     try:
-        encoder = encoder or load_encoder(model, device=device, local_files_only=not download)
+        if encoder is None:
+            try:
+                encoder = load_encoder(model, device=device, local_files_only=True)
+            except CaptionError:
+                if not download or hub_offline() or Path(model).expanduser().exists():
+                    raise
+                fetch_caption_model(model, txt_embed_dim, notify)
+                encoder = load_encoder(model, device=device, local_files_only=True)
         if txt_embed_dim is not None and encoder.hidden_size != txt_embed_dim:
             raise CaptionError(f"{model} gives {encoder.hidden_size}-d embeddings, the network takes "
                                f"{txt_embed_dim}-d")
         path = save_empty_caption(encoder, export_dir)
     except CaptionError as exc:
-        notify(f"no unconditional caption stored (pid-run will need a caption): {exc}")
+        notify(f"no unconditional caption stored: {exc}; pid-run will need --caption-embeds FILE or "
+               f"--prompt TEXT (or re-export once the caption model is available)")
         return None
     notify(f"stored the unconditional caption embedding {path}")
     return path
+
+
+# What a transformers Gemma-2 checkpoint needs (the hub repo may also hold .bin / .gguf copies).
+CAPTION_MODEL_FILES = ("*.json", "*.safetensors", "tokenizer.model")
+
+
+def fetch_caption_model(model: str, txt_embed_dim: int | None = None,
+                        notify: Callable[[str], None] = lambda message: None) -> None:
+    """Download hub model `model` into the Hugging Face cache; CaptionError (one line) on any failure.
+
+    Says the download size first, then lets huggingface_hub show its progress bars. With
+    `txt_embed_dim`, the model's config.json (a few KB) is fetched first and a model of
+    another width is refused before the large files are.
+    """
+    import fnmatch
+
+    from huggingface_hub import HfApi, hf_hub_download, snapshot_download
+
+    try:
+        info = HfApi().model_info(model, files_metadata=True)
+        wanted = [s for s in info.siblings or []
+                  if any(fnmatch.fnmatch(s.rfilename, pattern) for pattern in CAPTION_MODEL_FILES)]
+        if txt_embed_dim is not None:
+            config = json.loads(Path(hf_hub_download(model, "config.json")).read_text())
+            width = config.get("hidden_size")
+            if width != txt_embed_dim:
+                raise CaptionError(f"{model} gives {width}-d embeddings, the network takes {txt_embed_dim}-d "
+                                   "(nothing downloaded)")
+        size = sum(s.size or 0 for s in wanted)
+        notify(f"downloading the caption encoder {model} ({len(wanted)} files, {_size_text(size)}) "
+               "into the Hugging Face cache")
+        snapshot_download(model, allow_patterns=list(CAPTION_MODEL_FILES))  # "main", as from_pretrained reads
+    except CaptionError:
+        raise
+    except Exception as exc:  # huggingface_hub / httpx raise many types (offline, 401, 404, disk full)
+        raise CaptionError(f"could not download the caption encoder {model}: {first_line(exc).rstrip('.')}") from None
+
+
+def _size_text(size: int) -> str:
+    return f"{size / 1e9:.2f} GB" if size >= 1e9 else f"{size / 1e6:.1f} MB"
 
 
 class SelectedHiddenStates(torch.nn.Module):

@@ -5,12 +5,12 @@ from __future__ import annotations
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 import click
 
 from .config import ConfigError, PidConfig
+from .pipeline import EngineOptions, ExportRequest, PipelineError, run_export
 from .releases import VARIANTS, UnknownReleaseError, backbone_names, get_release, released_pairs_text
 
 DEFAULT_OUT_ROOT = Path("engines")
@@ -28,32 +28,6 @@ class UsageProblem(click.ClickException):
 
 def _say(msg: str) -> None:
     click.echo(msg, err=False)
-
-
-class Stage:
-    """Prints `[n] title ... done in Xs` around a long step."""
-
-    def __init__(self) -> None:
-        self.count = 0
-
-    def __call__(self, title: str):
-        self.count += 1
-        return _StageTimer(f"[{self.count}] {title}")
-
-
-class _StageTimer:
-    def __init__(self, title: str) -> None:
-        self.title = title
-
-    def __enter__(self):
-        self.start = time.perf_counter()
-        _say(f"{self.title} ...")
-        return self
-
-    def __exit__(self, exc_type, exc, tb):
-        if exc_type is None:
-            _say(f"    done in {time.perf_counter() - self.start:.1f} s")
-        return False
 
 
 def _check_writable(out_dir: Path) -> None:
@@ -136,24 +110,33 @@ Examples:
 @click.option("--strip-weights", is_flag=True,
               help="Weight-stripped refittable plan (MBs); weights are refitted from the ONNX at load.")
 @click.option("--verify", is_flag=True, help="After building, compare the engine with the float32 PyTorch network at a small size.")
+@click.option("--allow-lint-problems", is_flag=True,
+              help="Keep an export whose graph fails the TensorRT lint (unsupported op, unfused attention, "
+                   "float64) instead of failing; the engine build may then fail or run slowly.")
 @click.option("--static", "static_hw", metavar="HxW",
               help="Export fixed shapes (batch 1, this output size) instead of dynamic ones.")
 @click.option("--caption-model", metavar="ID|DIR",
               help="Gemma-2 caption encoder (hub id, local dir or exported encoder dir) used to store the "
-                   "unconditional (empty-caption) embedding in the export; only local/cached models are used. "
-                   "Default: $PID_CAPTION_MODEL, else Efficient-Large-Model/gemma-2-2b-it if cached.")
-@click.option("--no-empty-caption", is_flag=True, help="Do not store the unconditional caption embedding.")
+                   "unconditional (empty-caption) embedding in the export, so pid-run can decode without a "
+                   "caption. A hub model that is not cached is downloaded into the Hugging Face cache (size "
+                   "announced first) unless HF_HUB_OFFLINE=1; a failed download only skips the embedding. "
+                   "Default: $PID_CAPTION_MODEL, else Efficient-Large-Model/gemma-2-2b-it.")
+@click.option("--no-empty-caption", is_flag=True,
+              help="Do not store the unconditional caption embedding (and download nothing for it).")
 @click.option("--demo", is_flag=True,
               help="Run the whole job on the embedded default: the sd3/2kto4k checkpoint if it is in the "
                    "local cache, else a small built-in model of the real architecture; then decode a "
                    "sample latent with pid-run's runtime.")
 def cli(backbone, variant, checkpoint, network_config, precision, out_dir, onnx_only, want_engine,
-        min_hw, opt_hw, max_hw, max_batch, workspace_gb, strip_weights, verify, static_hw, caption_model,
-        no_empty_caption, demo):
+        min_hw, opt_hw, max_hw, max_batch, workspace_gb, strip_weights, verify, allow_lint_problems, static_hw,
+        caption_model, no_empty_caption, demo):
     if demo:
         from .demo import run_demo
 
-        run_demo(out_dir=out_dir, log=_say)
+        try:
+            run_demo(out_dir=out_dir, log=_say)
+        except PipelineError as exc:
+            raise UsageProblem(str(exc)) from None
         return
 
     release = None
@@ -179,120 +162,20 @@ def cli(backbone, variant, checkpoint, network_config, precision, out_dir, onnx_
     if static_hw is not None:
         height, width = _hw_option(static_hw)
         static_shape = (1, height, width)
-    profile_hw = (_hw_option(min_hw), _hw_option(opt_hw), _hw_option(max_hw))
+    engine = EngineOptions(min_hw=_hw_option(min_hw), opt_hw=_hw_option(opt_hw), max_hw=_hw_option(max_hw),
+                           max_batch=max_batch, workspace_gb=workspace_gb, strip_weights=strip_weights,
+                           verify=verify)
     _check_writable(out_dir)
 
-    # Say up front (before minutes of export) whether the engine step will happen.
-    build = False
-    if not onnx_only:
-        from .engine import tensorrt_status
-
-        usable, why = tensorrt_status()
-        if usable:
-            build = True
-            if precision == "fp32":
-                _say("note: building an fp32 engine; use --precision bf16 for speed")
-        elif want_engine:
-            raise UsageProblem(f"cannot build the engine: {why}")
-        else:
-            _say(f"engine step will be skipped: {why}")
-
-    export_dir, checkpoint_path = export_release(network, release, checkpoint, precision, out_dir, static_shape)
-    if not no_empty_caption:
-        store_unconditional_caption(export_dir, network, caption_model)
-    if build:
-        build_and_verify(export_dir, release, precision, profile_hw, max_batch, workspace_gb, strip_weights,
-                         verify_against=(network, checkpoint_path) if verify else None)
+    request = ExportRequest(
+        network=network, out_dir=out_dir, release=release, checkpoint=checkpoint, precision=precision,
+        static_shape=static_shape, onnx_only=onnx_only, require_engine=want_engine, engine=engine,
+        allow_lint_problems=allow_lint_problems, empty_caption=not no_empty_caption, caption_model=caption_model)
+    try:
+        export_dir = run_export(request, _say)
+    except PipelineError as exc:
+        raise UsageProblem(str(exc)) from None
     _say(f"export ready: {export_dir}")
-
-
-def export_release(network: PidConfig, release, checkpoint: Path | None, precision: str, out_dir: Path,
-                   static_shape) -> tuple[Path, Path]:
-    """Checkpoint -> verified PidNet -> ONNX export directory; returns it and the checkpoint used."""
-    import torch
-
-    from .checkpoints import CheckpointError, file_sha256, load_checkpoint, resolve_checkpoint, verify_checkpoint
-    from .network import PidNet
-    from .onnx_export import ExportError, export_onnx
-
-    stage = Stage()
-    try:
-        with stage("locating the checkpoint"):
-            path = resolve_checkpoint(release, checkpoint)
-            _say(f"    {path} ({path.stat().st_size / 1e9:.2f} GB)")
-        with stage("loading and verifying the checkpoint"):
-            state = load_checkpoint(path)
-            verify_checkpoint(state, network, release.label if release else None)
-            sha = file_sha256(path)
-            count = sum(t.numel() for t in state.values())
-            _say(f"    {len(state)} tensors, {count / 1e9:.3f} B parameters, sha256 {sha[:16]}...")
-    except CheckpointError as exc:
-        raise UsageProblem(str(exc)) from None
-    with stage("building the network"):
-        with torch.device("meta"):
-            net = PidNet(network)
-        # The export runs in float32 on the CPU; reduced precision is applied by export_onnx.
-        net.load_state_dict({k: v.float() for k, v in state.items()}, strict=True, assign=True)
-        del state
-    try:
-        with stage(f"exporting ONNX ({precision}) to {out_dir}"):
-            result = export_onnx(net, out_dir, precision, release=release, checkpoint_sha256=sha,
-                                 static_shape=static_shape, progress=lambda m: _say(f"    {m}"))
-    except ExportError as exc:
-        raise UsageProblem(str(exc)) from None
-    except OSError as exc:
-        raise UsageProblem(f"cannot write the export to {out_dir}: {exc.strerror or exc}") from None
-    _say(f"    {result.size_bytes / 1e9:.2f} GB; ops: {result.lint.histogram()}")
-    for problem in result.lint.problems:
-        _say(f"    TensorRT lint: {problem}")
-    return result.out_dir, path
-
-
-def store_unconditional_caption(export_dir: Path, network: PidConfig, caption_model: str | None) -> None:
-    """empty_caption.npy for pid-run's caption-less default, when an encoder is on this machine."""
-    from .caption_export import store_empty_caption
-
-    store_empty_caption(export_dir, caption_model, notify=lambda m: _say(f"    {m}"),
-                        txt_embed_dim=network.txt_embed_dim)
-
-
-def _reference_net(network: PidConfig, checkpoint_path: Path):
-    """The float32 PyTorch network of the export, for --verify (ORT's CPU provider has no bf16)."""
-    import torch
-
-    from .checkpoints import load_checkpoint
-    from .network import PidNet
-
-    with torch.device("meta"):
-        net = PidNet(network)
-    net.load_state_dict({k: v.float() for k, v in load_checkpoint(checkpoint_path).items()}, assign=True)
-    return net.eval()
-
-
-def build_and_verify(export_dir: Path, release, precision: str, profile_hw, max_batch: int,
-                     workspace_gb, strip_weights: bool, verify_against: tuple[PidConfig, Path] | None) -> None:
-    from pid_runtime.metadata import MODEL_METADATA, ONNX_NAME, ModelMetadata
-
-    from .engine import EngineError, EngineProfile, build_engine, verify_engine
-
-    meta = ModelMetadata.load(export_dir / MODEL_METADATA)
-    min_hw, opt_hw, max_hw = profile_hw
-    if opt_hw is None and release is not None:
-        opt_hw = tuple(release.opt_size)
-    stage = Stage()
-    try:
-        profile = EngineProfile.for_metadata(meta, min_hw, opt_hw, max_hw, max_batch=max_batch)
-        with stage(f"building the TensorRT engine ({precision}, sizes {profile.min_hw}..{profile.max_hw}, "
-                   f"tuned for {profile.opt_hw})"):
-            plan = build_engine(export_dir / ONNX_NAME, export_dir, profile, workspace_gb=workspace_gb,
-                                strip_weights=strip_weights, log=lambda m: _say(f"    {m}"))
-            _say(f"    {plan} ({plan.stat().st_size / 1e6:.1f} MB)")
-        if verify_against is not None:
-            with stage("verifying the engine against the float32 PyTorch network"):
-                net = _reference_net(*verify_against)
-                verify_engine(plan, export_dir / ONNX_NAME, net=net, log=lambda m: _say(f"    {m}"))
-    except EngineError as exc:
-        raise UsageProblem(str(exc)) from None
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -11,7 +11,6 @@ pid_runtime (the same path as `pid-run`), writing `demo.png`.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -57,19 +56,14 @@ def run_demo(out_dir: Path | None, log: Callable[[str], None] = print, size: tup
              seed: int = 0) -> Path:
     cached = _cached_default_checkpoint()
     if cached is not None:
-        from .cli import build_and_verify, export_release
-        from .engine import tensorrt_status
+        from .pipeline import EngineOptions, ExportRequest, run_export
 
         release = get_release(DEFAULT_BACKBONE, DEFAULT_VARIANT)
         log(f"demo: using the cached {release.label} checkpoint {cached}")
-        out_dir = out_dir or Path("engines") / f"{release.name}-bf16"
-        export_dir, _ = export_release(release.network, release, cached, "bf16", out_dir, None)
-        usable, why = tensorrt_status()
-        if usable:
-            build_and_verify(export_dir, release, "bf16", (None, None, None), 1, None, False,
-                             verify_against=(release.network, cached))
-        else:
-            log(f"engine step skipped: {why}")
+        request = ExportRequest(network=release.network, out_dir=out_dir or Path("engines") / f"{release.name}-bf16",
+                                release=release, checkpoint=cached, precision="bf16",
+                                engine=EngineOptions(verify=True))
+        export_dir = run_export(request, log)
         log(f"export ready: {export_dir}")
         return export_dir
 
@@ -85,7 +79,7 @@ def _run_builtin(out_dir: Path, log: Callable[[str], None], size: tuple[int, int
     from pid_runtime.io import write_output
 
     from .network import PidNet
-    from .onnx_export import export_onnx
+    from .pipeline import LoadedNetwork, Stages, export_network
     from .synthetic import synthetic_state_dict
 
     cfg = DEMO_NETWORK
@@ -94,24 +88,23 @@ def _run_builtin(out_dir: Path, log: Callable[[str], None], size: tuple[int, int
     net.load_state_dict(synthetic_state_dict(cfg, dtype=torch.float32, seed=seed, with_aux_head=False, prefix=""),
                         strict=True, assign=True)
     count = sum(p.numel() for p in net.parameters())
-    log(f"[1] exporting the built-in model ({count / 1e6:.1f} M parameters) to ONNX, dynamic shapes ...")
-    start = time.perf_counter()
-    result = export_onnx(net, out_dir, "fp32", release=DemoRelease(), progress=lambda m: log(f"    {m}"))
-    log(f"    done in {time.perf_counter() - start:.0f} s: {result.onnx_path} "
-        f"({result.size_bytes / 1e6:.1f} MB); ops: {result.lint.histogram()}")
+    log(f"the built-in model: {count / 1e6:.1f} M parameters, exported with dynamic shapes")
+    stages = Stages(log)
+    result = export_network(LoadedNetwork(net.eval(), None, None), out_dir, "fp32", DemoRelease(), stages=stages)
 
     height, width = size
     scale = cfg.pixel_scale
     gen = torch.Generator().manual_seed(seed)
     latents = torch.randn(1, cfg.lq_latent_channels, height // scale, width // scale, generator=gen)
     caption = torch.randn(1, cfg.txt_max_length, cfg.txt_embed_dim, generator=gen)
-    log(f"[2] decoding a {list(latents.shape)} latent to {height}x{width} with ONNX Runtime (4 steps, seed {seed}) ...")
-    backend = open_backend(result.out_dir)
-    try:
-        decoded = decode(backend, latents, caption, sigma=0.0, seed=seed, steps=4)
-    finally:
-        backend.close()
-    image_path = result.out_dir / "demo.png"
-    write_output(decoded.images, image_path)
-    log(f"    done in {decoded.timings.total:.1f} s: {image_path}")
+    with stages(f"decoding a {list(latents.shape)} latent to {height}x{width} with ONNX Runtime "
+                f"(4 steps, seed {seed})"):
+        backend = open_backend(result.out_dir)
+        try:
+            decoded = decode(backend, latents, caption, sigma=0.0, seed=seed, steps=4)
+        finally:
+            backend.close()
+        image_path = result.out_dir / "demo.png"
+        write_output(decoded.images, image_path)
+        stages.detail(f"{image_path} (decode {decoded.timings.total:.1f} s)")
     return result.out_dir

@@ -127,12 +127,14 @@ def _quiet_export(net: PidNet, args: tuple, path: Path, shapes, opset: int):
 
 def export_onnx(net: PidNet, out_dir: str | Path, precision: str = "fp32", *, release: Any = None,
                 checkpoint_sha256: str | None = None, static_shape: tuple[int, int, int] | None = None,
-                opset: int = OPSET, progress: Progress | None = None) -> ExportResult:
+                opset: int = OPSET, progress: Progress | None = None,
+                require_lint_clean: bool = False) -> ExportResult:
     """Export `net` (cast in place to `precision`) into `out_dir`.
 
     static_shape=(batch, H, W) exports fixed shapes (faster to export; for
     benchmarks and tests); otherwise batch, H, W and text length are dynamic.
     `release` (a registry entry, optional) supplies the name and trained sizes.
+    `require_lint_clean` fails the export (nothing written) on TensorRT lint problems.
     """
     say = progress or (lambda msg: None)
     out_dir = Path(out_dir)
@@ -174,6 +176,9 @@ def export_onnx(net: PidNet, out_dir: str | Path, precision: str = "fp32", *, re
         onnx.shape_inference.infer_shapes_path(str(onnx_path), str(onnx_path))
         graph = onnx.load(str(onnx_path), load_external_data=False)
         lint = lint_model(graph, expected_attention=cfg.patch_depth + cfg.pixel_depth)
+        if require_lint_clean and not lint.ok:
+            raise ExportError(f"the exported graph is not TensorRT-ready: {'; '.join(lint.problems)} "
+                              "(--allow-lint-problems exports it anyway)")
         inputs, outputs = _io_description(graph)
         del graph
 

@@ -71,7 +71,7 @@ def _import_transformers() -> Any:
     return transformers
 
 
-def _hub_offline() -> bool:
+def hub_offline() -> bool:
     """HF_HUB_OFFLINE as set now (huggingface_hub reads it once at import, tests and users set it later)."""
     value = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
     return value.strip().upper() in {"1", "ON", "YES", "TRUE"}
@@ -134,7 +134,7 @@ class CaptionEncoder:
         dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
         if dtype is None:
             dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
-        if _hub_offline():
+        if hub_offline():
             no_download_reason: str | None = "HF_HUB_OFFLINE is set"
         elif local_files_only:
             no_download_reason = "downloading was not allowed"
@@ -378,7 +378,7 @@ def resolve_caption(
     empty = find_empty_caption(model_path)
     if empty is None:
         raise CaptionError(no_caption_message(model_path))
-    notify(f"no caption given: using the unconditional (empty-caption) embedding {empty}")
+    notify(f"no caption given: using the unconditional caption (empty-prompt embedding) {empty}")
     embedding = load_caption(empty)
     if embedding.shape[0] != 1:
         raise CaptionError(f"{empty} holds {embedding.shape[0]} embeddings, expected 1")

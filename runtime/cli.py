@@ -34,30 +34,14 @@ def parse_sigma(text: str) -> list[float]:
                                  param_hint="'--sigma'") from None
 
 
-def missing_caption_message(model: str) -> str:
-    return (f"no caption embedding: pass --caption-embeds FILE ([1 or B, tokens, dim] .npy/.npz/.safetensors), "
-            f"--prompt TEXT (encodes it; needs the caption extra), or use an export directory containing "
-            f"{EMPTY_CAPTION_NAME} (the unconditional caption) - {model} has none")
-
-
-def caption_for(model: str, model_file: Path, batch: int, prompts: Sequence[str], device: torch.device,
-                say) -> torch.Tensor:
+def caption_for(model_file: Path, batch: int, prompts: Sequence[str], device: torch.device, say) -> torch.Tensor:
     """Caption embeddings when no --caption-embeds file was given: prompts, else the export's empty caption."""
-    if prompts:
-        try:
-            from .caption import CaptionError, resolve_caption
-        except ImportError:
-            raise InputError("--prompt needs the caption encoder module (pid_runtime.caption), "
-                             "which this installation lacks; pass --caption-embeds FILE") from None
-        try:
-            return resolve_caption(batch, model_file, list(prompts), device=device, notify=say)
-        except CaptionError as exc:
-            raise InputError(str(exc)) from None
-    empty = model_file.parent / EMPTY_CAPTION_NAME
-    if not empty.is_file():
-        raise InputError(missing_caption_message(model))
-    say(f"no caption given: using the unconditional caption {empty}")
-    return load_caption(empty)
+    from .caption import CaptionError, resolve_caption
+
+    try:
+        return resolve_caption(batch, model_file, list(prompts), device=device, notify=say)
+    except CaptionError as exc:
+        raise InputError(str(exc)) from None
 
 
 HELP = f"""Decode LDM latents with an exported PiD decoder (4-step pixel diffusion).
@@ -141,7 +125,7 @@ def run_command(model: str, latents: str, out: str, caption_embeds: str | None, 
         say(f"model {model_file} ({backend.name} on {backend.device}; "
             f"{meta.release or 'custom network'}, {meta.precision})")
         if caption is None:
-            caption = caption_for(model, model_file, lq.shape[0], prompts, backend.device, say)
+            caption = caption_for(model_file, lq.shape[0], prompts, backend.device, say)
         height, width = lq.shape[-2] * meta.pixel_scale, lq.shape[-1] * meta.pixel_scale
         source = f"noise from {noise_file}" if noise is not None else f"seed {seed}"
         say(f"decoding {lq.shape[0]} x {height}x{width} px, {steps} step(s), {source}")

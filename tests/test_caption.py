@@ -37,63 +37,21 @@ from pid_runtime.caption import (
 )
 from pid_runtime.io import load_caption
 from pid_runtime.metadata import EMPTY_CAPTION_NAME
+from tiny_gemma import BOS_ID, CAPTIONS, HIDDEN, PAD_ID, WORD_PATTERN, save_tiny_gemma
+from tiny_gemma import direct_embeddings as tiny_gemma_embeddings
 
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
 
 GOLDEN_PREFIX = Path(__file__).resolve().parents[2] / "shared" / "golden" / "chi_prompt.txt"
 CLI_CASE = "tiny_v1_16ch_sr4_b2"  # golden network with batch 2 and text dim 40 (= HIDDEN)
-WORD_PATTERN = r"\w+|[^\w\s]+"  # what the `Whitespace` pre-tokenizer splits on
-CAPTIONS = ["a red cat on a mat", "", "a cat"]
-SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>"]  # Gemma's ids: pad 0, eos 1, bos 2, unk 3
-PAD_ID, BOS_ID = 0, 2
-HIDDEN = 40  # the golden networks' text dim, so the tiny encoder can drive them in the CLI test
-
-
-def build_tokenizer(words: list[str]):
-    vocab = {token: index for index, token in enumerate(SPECIALS + sorted(set(words)))}
-    backend = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
-    backend.post_processor = tokenizers.processors.TemplateProcessing(
-        single="<bos> $A", pair="<bos> $A <bos> $B", special_tokens=[("<bos>", BOS_ID)]
-    )
-    # Left padding like Gemma's tokenizer config, so the encoder must switch it to right.
-    return transformers.PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        bos_token="<bos>",
-        eos_token="<eos>",
-        pad_token="<pad>",
-        unk_token="<unk>",
-        padding_side="left",
-    )
 
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
     """(directory, tokenizer, Gemma2ForCausalLM) of a seeded tiny Gemma-2 saved like a hub model."""
     directory = tmp_path_factory.mktemp("tiny_gemma2")
-    words = re.findall(WORD_PATTERN, prompt_prefix() + " " + " ".join(CAPTIONS) + " dog")
-    tokenizer = build_tokenizer(words)
-    config = transformers.Gemma2Config(
-        vocab_size=len(tokenizer),
-        hidden_size=HIDDEN,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=16,
-        max_position_embeddings=1024,
-        pad_token_id=PAD_ID,
-        eos_token_id=1,
-        bos_token_id=BOS_ID,
-    )
-    torch.manual_seed(0)
-    model = transformers.Gemma2ForCausalLM(config).eval()
-    with torch.no_grad():  # the norm weights start at zero; make every path carry a random value
-        for parameter in model.parameters():
-            parameter.add_(0.1 * torch.randn_like(parameter))
-    model.save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
+    tokenizer, model = save_tiny_gemma(directory)
     return directory, tokenizer, model
 
 
@@ -160,19 +118,8 @@ def test_selected_positions_are_first_and_last_299():
 
 @pytest.fixture(scope="module")
 def direct_embeddings(tiny_model):
-    """CAPTIONS through transformers directly: right-padded to n_prefix + 298, positions [0] + last 299."""
     _, tokenizer, model = tiny_model
-    batch = tokenizer(
-        [prompt_prefix() + caption for caption in CAPTIONS],
-        max_length=expected_n_prefix() + 298,
-        padding="max_length",
-        padding_side="right",
-        truncation=True,
-        return_tensors="pt",
-    )
-    with torch.no_grad():
-        hidden = model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
-    return torch.cat([hidden[:, :1], hidden[:, -299:]], dim=1)
+    return tiny_gemma_embeddings(tokenizer, model, CAPTIONS)
 
 
 def test_encode_matches_direct_transformers_call(encoder, direct_embeddings):

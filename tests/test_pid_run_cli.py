@@ -199,7 +199,7 @@ def test_sigma_outside_0_1(sigma, export_dir, io_dir, capfd):
 
 def test_missing_caption_embedding_says_how_to_give_one(export_dir, io_dir, capfd):
     code, _, err = run([export_dir, io_dir / "lat.npy", "--out", io_dir / "out" / "o.npy"], capfd)
-    assert_one_line_error(code, err, "no caption embedding", "--caption-embeds FILE", "--prompt TEXT",
+    assert_one_line_error(code, err, "no caption given", "--caption-embeds FILE", "--prompt TEXT",
                           "empty_caption.npy")
     assert outputs(io_dir) == []
 

@@ -1,0 +1,265 @@
+"""The export pipeline: checkpoint -> PidNet -> ONNX -> TensorRT engine -> verify.
+
+One module for the steps `pid-export`, `pid-export --demo` and the benchmarks share.
+Each step prints numbered progress through `log` (`[n] title ...` / `done in X s`)
+and raises `PipelineError` with one line the user can act on; callers turn it into
+their own error output. Nothing here parses command lines.
+
+    load_network    checkpoint (path or hub) -> verified float32 PidNet
+    export_network  PidNet -> ONNX export directory (fails on TensorRT lint problems)
+    store_caption   the unconditional caption embedding, when an encoder is available
+    build_and_verify  engine.plan (+ --verify against the float32 network)
+    run_export      all of the above for one release or custom network
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from .config import PidConfig
+from .network import PidNet
+
+Log = Callable[[str], None]
+HW = tuple[int, int]
+
+
+class PipelineError(RuntimeError):
+    """A step failed for a reason the user can act on (one line)."""
+
+
+class Stages:
+    """Numbered progress around long steps: `[n] title ...`, then `    done in X s`."""
+
+    def __init__(self, log: Log) -> None:
+        self.log = log
+        self.count = 0
+
+    def __call__(self, title: str) -> "_Stage":
+        self.count += 1
+        return _Stage(self.log, f"[{self.count}] {title}")
+
+    def detail(self, message: str) -> None:
+        self.log(f"    {message}")
+
+
+class _Stage:
+    def __init__(self, log: Log, title: str) -> None:
+        self.log, self.title = log, title
+
+    def __enter__(self) -> "_Stage":
+        self.start = time.perf_counter()
+        self.log(f"{self.title} ...")
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc_type is None:
+            self.log(f"    done in {time.perf_counter() - self.start:.1f} s")
+        return False
+
+
+# ---------------------------------------------------------------------------
+# Checkpoint -> network
+
+
+@dataclass
+class LoadedNetwork:
+    net: PidNet  # float32, CPU, eval mode
+    checkpoint: Path | None
+    sha256: str | None
+
+
+def load_network(network: PidConfig, release: Any = None, checkpoint: Path | str | None = None,
+                 stages: Stages | None = None) -> LoadedNetwork:
+    """Find (local path, else the release's hub file), load and verify a checkpoint; build the network."""
+    from .checkpoints import CheckpointError, file_sha256, load_checkpoint, resolve_checkpoint, verify_checkpoint
+
+    stages = stages or Stages(lambda message: None)
+    try:
+        with stages("locating the checkpoint"):
+            path = resolve_checkpoint(release, checkpoint)
+            stages.detail(f"{path} ({path.stat().st_size / 1e9:.2f} GB)")
+        with stages("loading and verifying the checkpoint"):
+            state = load_checkpoint(path)
+            verify_checkpoint(state, network, getattr(release, "label", None))
+            sha = file_sha256(path)
+            count = sum(t.numel() for t in state.values())
+            stages.detail(f"{len(state)} tensors, {count / 1e9:.3f} B parameters, sha256 {sha[:16]}...")
+    except CheckpointError as exc:
+        raise PipelineError(str(exc)) from None
+    with stages("building the network"):
+        with torch.device("meta"):
+            net = PidNet(network)
+        # Float32 on the CPU, like the reference's weights under autocast; export_network
+        # applies the export precision.
+        net.load_state_dict({k: v.float() for k, v in state.items()}, strict=True, assign=True)
+        del state
+    return LoadedNetwork(net.eval(), path, sha)
+
+
+def reload_float32(loaded: LoadedNetwork, network: PidConfig) -> LoadedNetwork:
+    """The same checkpoint as a fresh float32 network (the exported one was cast in place)."""
+    from .checkpoints import load_checkpoint
+
+    if loaded.checkpoint is None:
+        raise PipelineError("the float32 reference needs the checkpoint file the network came from")
+    with torch.device("meta"):
+        net = PidNet(network)
+    net.load_state_dict({k: v.float() for k, v in load_checkpoint(loaded.checkpoint).items()},
+                        strict=True, assign=True)
+    return LoadedNetwork(net.eval(), loaded.checkpoint, loaded.sha256)
+
+
+# ---------------------------------------------------------------------------
+# Network -> ONNX
+
+
+def export_network(loaded: LoadedNetwork, out_dir: Path, precision: str, release: Any = None,
+                   static_shape: tuple[int, int, int] | None = None, allow_lint_problems: bool = False,
+                   stages: Stages | None = None):
+    """ONNX export directory of `loaded.net` (cast in place to `precision`); returns the ExportResult.
+
+    TensorRT lint problems (ops it cannot import, an unfused attention, float64)
+    fail the export unless `allow_lint_problems`: an engine built from such a
+    graph would fail late or run slowly.
+    """
+    from .onnx_export import ExportError, export_onnx
+
+    stages = stages or Stages(lambda message: None)
+    try:
+        with stages(f"exporting ONNX ({precision}) to {out_dir}"):
+            result = export_onnx(loaded.net, out_dir, precision, release=release,
+                                 checkpoint_sha256=loaded.sha256, static_shape=static_shape,
+                                 progress=stages.detail, require_lint_clean=not allow_lint_problems)
+    except ExportError as exc:
+        raise PipelineError(str(exc)) from None
+    except OSError as exc:
+        raise PipelineError(f"cannot write the export to {out_dir}: {exc.strerror or exc}") from None
+    stages.detail(f"{result.size_bytes / 1e9:.2f} GB; ops: {result.lint.histogram()}")
+    for problem in result.lint.problems:
+        stages.detail(f"TensorRT lint (allowed by --allow-lint-problems): {problem}")
+    return result
+
+
+# ---------------------------------------------------------------------------
+# Caption
+
+
+def store_caption(export_dir: Path, network: PidConfig, caption_model: str | None,
+                  stages: Stages | None = None, download: bool = False) -> Path | None:
+    """empty_caption.npy for pid-run's caption-less default, when an encoder is available."""
+    from .caption_export import store_empty_caption
+
+    stages = stages or Stages(lambda message: None)
+    return store_empty_caption(export_dir, caption_model, notify=stages.detail,
+                               txt_embed_dim=network.txt_embed_dim, download=download)
+
+
+# ---------------------------------------------------------------------------
+# ONNX -> engine -> verify
+
+
+@dataclass
+class EngineOptions:
+    min_hw: HW | None = None
+    opt_hw: HW | None = None
+    max_hw: HW | None = None
+    max_batch: int = 1
+    workspace_gb: float | None = None
+    strip_weights: bool = False
+    verify: bool = False
+
+
+def engine_status() -> tuple[bool, str]:
+    """(can build here, one line saying which library or why not); cheap, no GPU work."""
+    from .engine import tensorrt_status
+
+    return tensorrt_status()
+
+
+def build_and_verify(export_dir: Path, release: Any, precision: str, options: EngineOptions,
+                     reference: LoadedNetwork | None = None, stages: Stages | None = None) -> Path:
+    """engine.plan in `export_dir`; with `options.verify`, compared with `reference` (float32 PidNet)."""
+    from pid_runtime.metadata import MODEL_METADATA, ONNX_NAME, ModelMetadata
+
+    from .engine import EngineError, EngineProfile, build_engine, verify_engine
+
+    stages = stages or Stages(lambda message: None)
+    meta = ModelMetadata.load(export_dir / MODEL_METADATA)
+    opt_hw = options.opt_hw
+    if opt_hw is None and release is not None and getattr(release, "opt_size", None) is not None:
+        opt_hw = tuple(release.opt_size)
+    try:
+        profile = EngineProfile.for_metadata(meta, options.min_hw, opt_hw, options.max_hw,
+                                             max_batch=options.max_batch)
+        with stages(f"building the TensorRT engine ({precision}, sizes {profile.min_hw}..{profile.max_hw}, "
+                    f"tuned for {profile.opt_hw})"):
+            plan = build_engine(export_dir / ONNX_NAME, export_dir, profile, workspace_gb=options.workspace_gb,
+                                strip_weights=options.strip_weights, log=stages.detail)
+            stages.detail(f"{plan} ({plan.stat().st_size / 1e6:.1f} MB)")
+        if options.verify:
+            if reference is None:
+                raise PipelineError("--verify needs the float32 network the engine was exported from")
+            with stages("verifying the engine against the float32 PyTorch network"):
+                verify_engine(plan, export_dir / ONNX_NAME, net=reference.net, log=stages.detail)
+    except EngineError as exc:
+        raise PipelineError(str(exc)) from None
+    return plan
+
+
+# ---------------------------------------------------------------------------
+# Everything
+
+
+@dataclass
+class ExportRequest:
+    """One `pid-export` run: what to export, where, and which optional steps to take."""
+
+    network: PidConfig
+    out_dir: Path
+    release: Any = None  # a registry Release (None for a custom network)
+    checkpoint: Path | None = None  # None: the release's hub file
+    precision: str = "bf16"
+    static_shape: tuple[int, int, int] | None = None
+    onnx_only: bool = False
+    require_engine: bool = False
+    engine: EngineOptions = field(default_factory=EngineOptions)
+    allow_lint_problems: bool = False
+    empty_caption: bool = True
+    caption_model: str | None = None
+    download_caption_model: bool = True  # fetch a hub caption model that is not cached (unless offline)
+
+
+def run_export(request: ExportRequest, log: Log) -> Path:
+    """Checkpoint -> ONNX -> caption -> engine (-> verify); returns the export directory."""
+    stages = Stages(log)
+    build = False
+    if not request.onnx_only:
+        # Said before minutes of export, and a required engine fails here, not after them.
+        usable, why = engine_status()
+        if usable:
+            build = True
+            if request.precision == "fp32":
+                log("note: building an fp32 engine; use --precision bf16 for speed")
+        elif request.require_engine:
+            raise PipelineError(f"cannot build the engine: {why}")
+        else:
+            log(f"engine step will be skipped: {why}")
+    if request.engine.verify and not build:
+        log("note: --verify applies to the engine, which is not built in this run")
+
+    loaded = load_network(request.network, request.release, request.checkpoint, stages)
+    result = export_network(loaded, request.out_dir, request.precision, request.release,
+                            request.static_shape, request.allow_lint_problems, stages)
+    if request.empty_caption:
+        store_caption(result.out_dir, request.network, request.caption_model, stages,
+                      download=request.download_caption_model)
+    if build:
+        # export_network cast the network to the export precision: --verify reloads float32 weights.
+        reference = reload_float32(loaded, request.network) if request.engine.verify else None
+        build_and_verify(result.out_dir, request.release, request.precision, request.engine, reference, stages)
+    return result.out_dir
