@@ -16,7 +16,7 @@ import torch
 
 from .backends import BackendError, open_backend, preflight
 from .decode import DecodeError, decode, format_timings
-from .io import InputError, check_output_path, load_caption, load_latents, load_noise, write_output
+from .io import InputError, check_output_path, load_caption, load_latents, load_noise, output_paths, write_output
 from .metadata import EMPTY_CAPTION_NAME, MetadataError
 from .sampler import MAX_STEPS, timesteps
 
@@ -32,6 +32,15 @@ def parse_sigma(text: str) -> list[float]:
     except ValueError:
         raise click.BadParameter(f"{text!r} is not a number or a comma-separated list of numbers",
                                  param_hint="'--sigma'") from None
+
+
+def default_output(latents: Path, batch: int) -> Path:
+    """`<stem>.png` beside the latents, else the first of `<stem>-2.png`, `<stem>-3.png`, ... whose files are free."""
+    candidate, number = latents.with_suffix(".png"), 1
+    while any(path.exists() for path in output_paths(candidate, batch)):
+        number += 1
+        candidate = latents.with_name(f"{latents.stem}-{number}.png")
+    return candidate
 
 
 def caption_for(model_file: Path, batch: int, prompts: Sequence[str], device: torch.device, say) -> torch.Tensor:
@@ -56,10 +65,13 @@ LATENTS  .npy, .npz or .safetensors, [B,C,h,w] or [C,h,w], float16/float32: the
          The output is (h x s) by (w x s) pixels, s = latent down factor x SR factor.
 
 \b
-Output (--out): NAME.npy holds float32 [B,3,H,W] in [-1,1] (the clamped sample);
-NAME.png holds image = (x+1)/2, 8 bits per channel (--bit-depth 16 for 16-bit PNG);
-with B > 1 the PNGs are NAME_0.png, NAME_1.png, ... Files appear only when the
-decode succeeded.
+Output: by default LATENTS' name with .png, beside it (latents.npy -> latents.png);
+an existing file is never overwritten by the default: the first free name of
+latents-2.png, latents-3.png, ... is used, and the path is printed. --out PATH
+writes exactly there (replacing a file of that name): NAME.npy holds float32
+[B,3,H,W] in [-1,1] (the clamped sample); NAME.png holds image = (x+1)/2, 8 bits
+per channel (--bit-depth 16 for 16-bit PNG). With B > 1 the PNGs are NAME_0.png,
+NAME_1.png, ... Files appear only when the decode succeeded.
 
 \b
 Noise: --seed S draws the initial noise and then one eps per re-noise step from one
@@ -81,8 +93,9 @@ of unexpected errors.
                                                       "max_content_width": 100})
 @click.argument("model", metavar="MODEL")
 @click.argument("latents", metavar="LATENTS")
-@click.option("--out", "-o", "out", required=True, metavar="PATH",
-              help="Output file: .png (8/16-bit, one per batch item when B > 1) or .npy (float32 [B,3,H,W]).")
+@click.option("--out", "-o", "out", metavar="PATH",
+              help="Output file: .png (8/16-bit, one per batch item when B > 1) or .npy (float32 [B,3,H,W]). "
+                   "Default: LATENTS' name with .png beside it, never overwriting a file (see above).")
 @click.option("--caption-embeds", metavar="FILE",
               help="Caption embeddings [B or 1, tokens<=300, dim] (.npy/.npz/.safetensors). Default: --prompt, "
                    f"else the export's {EMPTY_CAPTION_NAME} (unconditional).")
@@ -103,7 +116,7 @@ of unexpected errors.
 @click.option("--device", default="auto", show_default=True, metavar="auto|cpu|cuda|cuda:N",
               help="Where the decode runs (auto: CUDA when available).")
 @click.option("--cuda-graph", is_flag=True, help="TensorRT only: capture the whole step loop as one CUDA graph.")
-def run_command(model: str, latents: str, out: str, caption_embeds: str | None, prompts: tuple[str, ...],
+def run_command(model: str, latents: str, out: str | None, caption_embeds: str | None, prompts: tuple[str, ...],
                 sigma: str, seed: int, steps: int, noise_file: str | None, batch_size: int | None, bit_depth: str,
                 device: str, cuda_graph: bool) -> None:
     def say(message: str) -> None:
@@ -113,9 +126,11 @@ def run_command(model: str, latents: str, out: str, caption_embeds: str | None, 
         raise InputError("give either --caption-embeds or --prompt, not both")
     sigmas = parse_sigma(sigma)
     # Cheap checks first, so a typo costs no model load.
-    out_path = check_output_path(out, int(bit_depth))
+    out_path = check_output_path(out, int(bit_depth)) if out is not None else None
     model_file = preflight(model)
     lq = load_latents(latents)
+    if out_path is None:
+        out_path = check_output_path(default_output(Path(latents), lq.shape[0]), int(bit_depth))
     caption = load_caption(caption_embeds) if caption_embeds else None
     noise = load_noise(noise_file) if noise_file else None
 

@@ -116,6 +116,45 @@ def test_default_caption_is_the_exports_empty_caption(export_dir, io_dir, capfd)
             assert diff.max() <= 1
 
 
+def test_model_and_latents_alone_write_a_png_beside_the_latents(export_dir, tmp_path, capfd):
+    """`pid-run DIR/model.onnx latents.npy`, as users type it: the export's unconditional caption,
+    seed 0, `latents.png` beside the latents; a second run never overwrites it."""
+    export = edited_export(export_dir, tmp_path)
+    golden = golden_tensors(CASE)
+    np.save(export / "empty_caption.npy", golden["y"][:1].numpy())
+    data = tmp_path / "data"
+    data.mkdir()
+    np.save(data / "latents.npy", golden["lq_latent"][:1].numpy())
+
+    code, stdout, err = run([export / "model.onnx", data / "latents.npy"], capfd)
+    assert code == 0, err
+    assert sorted(p.name for p in data.iterdir()) == ["latents.npy", "latents.png"]
+    assert f"wrote {data / 'latents.png'}" in stdout
+    assert f"unconditional caption (empty-prompt embedding) {export / 'empty_caption.npy'}" in stdout
+    first = (data / "latents.png").read_bytes()
+
+    # The same decode spelled out (seed 0, the same caption) gives the same picture.
+    np.save(tmp_path / "y.npy", golden["y"][:1].numpy())
+    code, _, err = run([export / "model.onnx", data / "latents.npy", "--caption-embeds", tmp_path / "y.npy",
+                        "--seed", "0", "--out", tmp_path / "explicit.png"], capfd)
+    assert code == 0, err
+    with Image.open(data / "latents.png") as auto, Image.open(tmp_path / "explicit.png") as explicit:
+        assert np.array_equal(np.asarray(auto), np.asarray(explicit))
+
+    code, stdout, err = run([export / "model.onnx", data / "latents.npy"], capfd)
+    assert code == 0, err
+    assert (data / "latents.png").read_bytes() == first
+    assert (data / "latents-2.png").is_file() and f"wrote {data / 'latents-2.png'}" in stdout
+
+    np.save(data / "pair.npy", golden["lq_latent"].numpy())  # batch 2: one file per item
+    (data / "pair_1.png").write_bytes(b"taken")  # one item's name is taken: the whole batch moves on
+    code, stdout, err = run([export / "model.onnx", data / "pair.npy"], capfd)
+    assert code == 0, err
+    assert (data / "pair_1.png").read_bytes() == b"taken"
+    assert {p.name for p in data.glob("pair-2_*.png")} == {"pair-2_0.png", "pair-2_1.png"}
+    assert not (data / "pair_0.png").exists()
+
+
 # ---------------------------------------------------------------------------
 # Bad input: one line, exit != 0, no output file
 
