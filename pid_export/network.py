@@ -399,7 +399,8 @@ class PidNet(nn.Module):
         self.pixel_blocks = nn.ModuleList(PixelBlock(cfg) for _ in range(cfg.pixel_depth))
         self.final_layer = FinalLayer(cfg.pixel_hidden_size, cfg.in_channels)
         self.lq_proj = LatentProjector(cfg)
-        self.pit_lq_gate = SigmaAwareGate(hidden, "sigma_aware_per_token") if cfg.pit_lq_inject else None
+        # The reference builds the PiT gate with the same gate type as the patch-block gates.
+        self.pit_lq_gate = SigmaAwareGate(hidden, cfg.lq_gate_type) if cfg.pit_lq_inject else None
 
     @classmethod
     def from_config(cls, config: Any) -> "PidNet":

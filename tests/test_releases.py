@@ -162,3 +162,17 @@ def test_reverse_lookup_by_lq_layout():
     assert labels(releases_with_lq_layout(128)) == {"flux2/2k", "flux2/2kto4k"}
     assert labels(releases_with_lq_layout(4)) == {"sdxl/2kto4k"}
     assert releases_with_lq_layout(16, 32) == ()
+
+
+@pytest.mark.parametrize("gate_type, out_features", [("sigma_aware_per_token", 1),
+                                                     ("sigma_aware_per_token_per_dim", 64)])
+def test_pit_gate_follows_the_configured_gate_type(gate_type, out_features):
+    """The reference builds the PiT gate with `lq_gate_type` (released v1.5: per token); not hard-coded."""
+    cfg = PidConfig.from_dict(dict(hidden_size=64, num_groups=4, patch_depth=2, pixel_attn_hidden_size=48,
+                                   pixel_num_groups=4, pixel_hidden_size=8, txt_embed_dim=40, txt_max_length=12,
+                                   lq_hidden_dim=32, lq_num_res_blocks=1, pit_lq_inject=True,
+                                   lq_gate_type=gate_type))
+    with torch.device("meta"):
+        net = PidNet(cfg)
+    assert net.pit_lq_gate.content_proj.weight.shape == (out_features, 128)
+    assert net.lq_proj.gate_modules[0].content_proj.weight.shape == (out_features, 128)
