@@ -423,7 +423,9 @@ def pipeline_latents_for_cli(path: str | os.PathLike[str], backbone: str, model_
     from .backends import load_model_metadata
     from .io import LATENT_KEYS, as_float32, pick_array, read_arrays
 
-    check_backbone_fits(load_model_metadata(model_file), backbone)
+    layout = check_backbone_fits(load_model_metadata(model_file), backbone)
+    if bn_stats_file and not layout.raw_channels:
+        raise LatentError(f"--vae-bn-stats is for FLUX.2's raw VAE latents; {backbone} latents need none")
     size = parse_image_size(ldm_size) if ldm_size else None
     bn_stats = BatchNormStats.load(bn_stats_file) if bn_stats_file else None
     array = as_float32(pick_array(read_arrays(path, "latents"), LATENT_KEYS, path, "latents"), path, "latents")

@@ -79,6 +79,7 @@ def test_pid_run_pipeline_unpacks_like_the_unpacked_latent(export_dir, inputs, c
     (["--pipeline", "flux2-klein-4b"], ["flux2-klein-4b (flux2) latents have 128 channels", "takes 16"]),
     (["--pipeline", "flux", "--ldm-size", "32"], ["HEIGHTxWIDTH"]),
     (["--ldm-size", "32x16"], ["add --pipeline"]),
+    (["--pipeline", "flux", "--vae-bn-stats", "bn.safetensors"], ["flux latents need none"]),
     (["--pipeline", "flux3"], ["'flux3' is not one of", "zimage"]),
 ])
 def test_pid_run_pipeline_errors_are_one_line(args, fragments, export_dir, inputs, capfd):
