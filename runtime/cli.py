@@ -17,6 +17,7 @@ import torch
 from .backends import BackendError, open_backend, preflight
 from .decode import DecodeError, decode, format_timings
 from .io import InputError, check_output_path, load_caption, load_latents, load_noise, output_paths, write_output
+from .latents import BACKBONE_NAMES, LatentError, pipeline_latents_for_cli
 from .metadata import EMPTY_CAPTION_NAME, MetadataError
 from .sampler import MAX_STEPS, timesteps
 
@@ -61,7 +62,8 @@ MODEL    a TensorRT engine (.plan/.engine), an ONNX model (.onnx; ONNX Runtime,
          directory (its engine.plan if present, else its model.onnx). The export's
          pid_export.json must sit beside the model file.
 LATENTS  .npy, .npz or .safetensors, [B,C,h,w] or [C,h,w], float16/float32: the
-         LDM's normalised latent (diffusers output_type="latent", unpacked).
+         LDM's normalised latent (diffusers output_type="latent", unpacked; with
+         --pipeline BACKBONE as the pipeline returned it, packed or not).
          The output is (h x s) by (w x s) pixels, s = latent down factor x SR factor.
 
 \b
@@ -116,9 +118,19 @@ of unexpected errors.
 @click.option("--device", default="auto", show_default=True, metavar="auto|cpu|cuda|cuda:N",
               help="Where the decode runs (auto: CUDA when available).")
 @click.option("--cuda-graph", is_flag=True, help="TensorRT only: capture the whole step loop as one CUDA graph.")
+@click.option("--pipeline", type=click.Choice(BACKBONE_NAMES, case_sensitive=False), default=None,
+              help="LATENTS are a diffusers pipeline's output_type=\"latent\" output for this backbone (packed "
+                   "Flux/Flux2/Qwen-Image tokens, Flux2-Klein's raw latent, ...): unpack them, and take --sigma "
+                   "as the scheduler's sigma (SDXL's Euler sigma is mapped to PiD's frame).")
+@click.option("--ldm-size", metavar="HxW", default=None,
+              help="With --pipeline: the pipeline's image size in pixels (needed to unpack packed tokens).")
+@click.option("--vae-bn-stats", metavar="FILE", default=None,
+              help="With --pipeline flux2*: the FLUX.2 VAE's batch-norm statistics for raw 32-channel latents "
+                   "(.safetensors with running_mean/running_var, e.g. the VAE's diffusion_pytorch_model.safetensors).")
 def run_command(model: str, latents: str, out: str | None, caption_embeds: str | None, prompts: tuple[str, ...],
                 sigma: str, seed: int, steps: int, noise_file: str | None, batch_size: int | None, bit_depth: str,
-                device: str, cuda_graph: bool) -> None:
+                device: str, cuda_graph: bool, pipeline: str | None, ldm_size: str | None,
+                vae_bn_stats: str | None) -> None:
     def say(message: str) -> None:
         click.echo(message)
 
@@ -128,7 +140,15 @@ def run_command(model: str, latents: str, out: str | None, caption_embeds: str |
     # Cheap checks first, so a typo costs no model load.
     out_path = check_output_path(out, int(bit_depth)) if out is not None else None
     model_file = preflight(model)
-    lq = load_latents(latents)
+    if pipeline is None and (ldm_size or vae_bn_stats):
+        raise InputError("--ldm-size and --vae-bn-stats apply to pipeline latents: add --pipeline BACKBONE")
+    if pipeline is None:
+        lq = load_latents(latents)
+    else:
+        try:
+            lq, sigmas = pipeline_latents_for_cli(latents, pipeline, model_file, ldm_size, vae_bn_stats, sigmas)
+        except LatentError as exc:
+            raise InputError(str(exc)) from None
     if out_path is None:
         out_path = check_output_path(default_output(Path(latents), lq.shape[0]), int(bit_depth))
     caption = load_caption(caption_embeds) if caption_embeds else None
