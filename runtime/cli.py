@@ -79,12 +79,16 @@ decode succeeded.
 
 \b
 Noise: --seed S draws the initial noise and then one eps per re-noise step from one
-torch.Generator on the run device, for the whole batch at once (the reference
-order, so a decode with seed S matches the reference PyTorch decode with seed S).
---batch-size N then decodes N items at a time from slices of that same noise:
-results do not depend on N. --noise F.safetensors gives the noise explicitly
-('noise' [B,3,H,W], 'eps' [steps-1,B,3,H,W]) for exact reproducibility across
-backends.
+torch.Generator on the run device, each for the whole batch (the reference order,
+so a decode with seed S matches the reference PyTorch decode with seed S on the
+same device). Each draw is made when the sampler needs it. --batch-size N (or an
+engine whose profile takes fewer items) decodes N items at a time with their rows
+of that same noise: results do not depend on N. The same seed gives the same
+noise on the same kind of device, whatever the backend: CPU draws are the same
+on every CPU, CUDA draws differ from CPU draws and between GPU models (torch
+sizes its random kernels by the GPU's multiprocessor count). --noise
+F.safetensors gives the noise explicitly ('noise' [B,3,H,W], 'eps'
+[steps-1,B,3,H,W]) for the exact same decode across devices.
 
 \b
 Also: `{PROG} embed TEXT --out F` writes caption embeddings (where this
@@ -118,7 +122,8 @@ of unexpected errors.
               help="Bits per channel of .png output.")
 @click.option("--device", default="auto", show_default=True, metavar="auto|cpu|cuda|cuda:N",
               help="Where the decode runs (auto: CUDA when available).")
-@click.option("--cuda-graph", is_flag=True, help="TensorRT only: capture the whole step loop as one CUDA graph.")
+@click.option("--cuda-graph", is_flag=True, help="TensorRT only: replay each step as a CUDA graph (same noise, "
+              "same memory).")
 def run_command(model: str, latents: str, out: str, caption_embeds: str | None, prompts: tuple[str, ...],
                 sigma: str, seed: int, steps: int, noise_file: str | None, batch_size: int | None, bit_depth: str,
                 device: str, cuda_graph: bool) -> None:
