@@ -19,6 +19,7 @@ runtime (`pip install -e .`); no model, no ONNX, no TensorRT.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import platform
 import statistics
@@ -182,7 +183,8 @@ def measure(size: tuple[int, int], batch: int = 1, batch_size: int | None = None
             for name in formats:
                 suffix, bits = FORMATS[name]
                 target = Path(folder) / f"out-{name}{suffix}"
-                record, written = _stage(run_device, image_bytes, lambda: write_output(images, target, bits))
+                write = functools.partial(write_output, images, target, bits)
+                record, written = _stage(run_device, image_bytes, write)
                 stages.setdefault(f"write_{name}", []).append(record)
                 sizes[name] = sum(p.stat().st_size for p in written)
                 for path in written:

@@ -111,7 +111,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         base = results[f"{content}/pillow-default"]
         print(f"  {content:<7} {name:<15} {r['wall_s_median']:6.2f} / {r['cpu_s_median']:5.2f} s  "
               f"{r['bytes'] / 1e6:6.1f} MB  x{base['cpu_s_median'] / r['cpu_s_median']:.1f} CPU, "
-              f"x{base['wall_s_median'] / r['wall_s_median']:.1f} wall" + ("" if r["same_pixels"] else "  PIXELS DIFFER"))
+              f"x{base['wall_s_median'] / r['wall_s_median']:.1f} wall"
+              + ("" if r["same_pixels"] else "  PIXELS DIFFER"))
     if args.out:
         text = json.dumps({"size": f"{height}x{width}", "repeat": args.repeat, "results": results}, indent=1) + "\n"
         atomic_write(args.out, lambda temp: temp.write_text(text))

@@ -15,7 +15,7 @@ import click
 import torch
 
 from .backends import BackendError, open_backend, preflight
-from .decode import DecodeError, decode, format_timings
+from .decode import DecodeError, decode, format_timings, profile_batch_range
 from .io import InputError, check_output_path, load_caption, load_latents, load_noise, write_output
 from .metadata import EMPTY_CAPTION_NAME, MetadataError
 from .sampler import MAX_STEPS, timesteps
@@ -152,8 +152,11 @@ def run_command(model: str, latents: str, out: str, caption_embeds: str | None, 
         say(f"decoding {lq.shape[0]} x {height}x{width} px, {steps} step(s), {source}")
         ts = timesteps(steps)
 
+        profile = profile_batch_range(backend)  # an engine decodes at most its profile's max batch at a time
+        chunk_size = min(batch_size or lq.shape[0], profile[1] if profile else lq.shape[0])
+
         def on_step(chunk: int, step: int, t: float, seconds: float) -> None:
-            prefix = f"chunk {chunk + 1} " if batch_size is not None and batch_size < lq.shape[0] else ""
+            prefix = f"chunk {chunk + 1} " if chunk_size < lq.shape[0] else ""
             say(f"  {prefix}step {step + 1}/{steps} (t={ts[step]:g}): {seconds * 1e3:.1f} ms")
 
         result = decode(backend, lq, caption, sigmas, seed=seed, steps=steps, noise=noise,

@@ -264,7 +264,7 @@ class _TimedNoise(Noise):
     """A noise source that adds the host seconds spent drawing to `timings.noise`."""
 
     def __init__(self, inner: Noise, timings: DecodeTimings):
-        self.inner, self.timings, self.shape = inner, timings, inner.shape
+        self.inner, self.timings, self.shape, self.device = inner, timings, inner.shape, inner.device
 
     def _timed(self, draw: Callable[[], None]) -> None:
         start = time.perf_counter()
@@ -365,4 +365,4 @@ def format_timings(timings: DecodeTimings) -> str:
 
 
 __all__ = ["DecodeError", "DecodeInputs", "DecodeResult", "DecodeTimings", "check_inputs", "decode",
-           "format_timings", "output_size", "supported_size_range"]
+           "format_timings", "output_size", "profile_batch_range", "supported_size_range"]

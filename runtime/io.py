@@ -178,9 +178,10 @@ def write_png(item: Tensor, path: Path, bit_depth: int = 8) -> None:
     image never exists as pixels: memory is one block, whatever the size. Every
     row uses PNG's "Up" filter (the byte above subtracted; numpy does it for a
     block in one operation) and deflate's run-length strategy at level 1. Against
-    Pillow's encoder (which picks a filter per row by trying all five, even at
-    compress_level 0) this is 4-9x less CPU per 4K image for files within 1-10%
-    of Pillow's default size (benchmarks/README.md, "PNG encoding").
+    Pillow's defaults (which pick a filter per row by trying all five, even at
+    compress_level 0) this is 4.5-9x less CPU per 4K image, files the same size
+    for detailed images, 10% larger for very smooth ones (benchmarks/README.md,
+    "PNG encoding").
     """
     _, height, width = item.shape
     compressor = zlib.compressobj(1, zlib.DEFLATED, 15, 9, zlib.Z_RLE)
@@ -212,7 +213,7 @@ def write_png(item: Tensor, path: Path, bit_depth: int = 8) -> None:
             np.subtract(raw[0], above, out=filtered[0, 1:])
             np.subtract(raw[1:], raw[:-1], out=filtered[1:n, 1:])
             above = raw[-1].copy()
-            emit(compressor.compress(filtered[:n]))
+            emit(compressor.compress(filtered[:n].data))
         emit(compressor.flush(), final=True)
         handle.write(_png_chunk(b"IEND", b""))
 

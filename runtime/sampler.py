@@ -66,6 +66,7 @@ class Noise(ABC):
     """The randomness of one decode, in the order the sampler uses it."""
 
     shape: tuple[int, ...]  # [B, 3, H, W]
+    device: torch.device  # where it draws (or holds) its values; a sampler's x defaults to it
 
     @abstractmethod
     def initial(self, out: Tensor) -> None:
@@ -87,6 +88,7 @@ class FixedNoise(Noise):
         self.noise = noise
         self.eps_list = list(eps)
         self.shape = tuple(noise.shape)
+        self.device = noise.device
 
     def initial(self, out: Tensor) -> None:
         out.copy_(self.noise)
@@ -129,6 +131,8 @@ class SeededNoise(Noise):
         self.shape = tuple(int(d) for d in shape)
         self.batch = self.shape[0]
         self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:  # compare equal to tensors' devices
+            self.device = torch.device("cuda", torch.cuda.current_device())
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(seed)
         item_size = math.prod(self.shape[1:])
@@ -205,6 +209,7 @@ class _Rows(Noise):
     def __init__(self, parent: SeededNoise, lo: int, hi: int):
         self.parent, self.lo, self.hi = parent, lo, hi
         self.shape = (hi - lo, *parent.shape[1:])
+        self.device = parent.device
 
     def initial(self, out: Tensor) -> None:
         self.parent.draw(0, self.lo, self.hi, out)
@@ -273,7 +278,7 @@ def sampler_step(velocity: VelocityFn, x: Tensor, eps_buffer: Tensor | None, t_i
         assert eps_buffer is not None
         t_next32 = float32(t_next)
         eps_buffer.mul_(t_next32)
-        x.mul_(float32(np.float32(1.0) - np.float32(t_next))).add_(eps_buffer)
+        x.mul_(float(np.float32(1.0) - np.float32(t_next))).add_(eps_buffer)  # (1 - t_next) in float32
     return v
 
 
@@ -296,7 +301,7 @@ def sample(velocity: VelocityFn, noise: Tensor | Noise, eps: Sequence[Tensor] | 
     `noise`: a `Noise` source, or the initial noise tensor with its `eps` tensors.
     `x_buffer`, when given, holds x between steps (a backend's bound input buffer,
     so the network reads it without a copy); else x is a new tensor on the noise
-    tensor's device (a `Noise` source: its device, CPU for `FixedNoise` of CPU tensors).
+    tensor's device (a `Noise` source's `device`).
     `out`, when given, receives the result (it may be x_buffer itself, or a tensor
     on another device). `on_step(i, t)` is called after each network call.
     Raises NonFiniteError when a step's network output has NaN or Inf.
@@ -304,11 +309,7 @@ def sample(velocity: VelocityFn, noise: Tensor | Noise, eps: Sequence[Tensor] | 
     ts = timesteps(steps)
     source = as_noise(noise, eps)
     shape = source.shape
-    if x_buffer is not None:
-        x = x_buffer
-    else:
-        device = noise.device if isinstance(noise, Tensor) else getattr(source, "device", torch.device("cpu"))
-        x = torch.empty(shape, dtype=torch.float32, device=device)
+    x = x_buffer if x_buffer is not None else torch.empty(shape, dtype=torch.float32, device=source.device)
     if tuple(x.shape) != tuple(shape):
         raise ValueError(f"x buffer is {list(x.shape)} but the noise is {list(shape)}")
     source.initial(x)
