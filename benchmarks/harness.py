@@ -223,7 +223,7 @@ def run_benchmark(net: PidNet, weights: str, s: Settings,
 
 
 def new_record(backend: str, size: tuple[int, int], s: Settings, env: dict, peak: float | None,
-                peak_source: str) -> dict[str, Any]:
+               peak_source: str) -> dict[str, Any]:
     height, width = size
     return {
         "backend": backend, "status": "pending", "reason": None,
