@@ -6,8 +6,9 @@ not part of a decode (exporting, loading an engine) and is timed apart; lazy
 work done on the first call (torch.compile, ONNX Runtime's first run) shows up
 in the harness's first-call time.
 
-    torch-eager    PidNet as is: bf16/fp16 autocast on the GPU, fp32 on the CPU
-    torch-compile  torch.compile(PidNet), same precision rule
+    torch-eager    PidNet as is: bf16/fp16 autocast on the GPU, fp32 on the CPU (or, given a
+                   network with bf16 weights and autocast=False, what a bf16 export computes)
+    torch-compile  torch.compile(PidNet) (mode default or max-autotune), same precision rule
     onnxruntime    pid_runtime's ONNX Runtime backend on an export of the same weights
     tensorrt       pid_runtime's TensorRT backend on a prebuilt engine (--engine)
 """
@@ -18,7 +19,6 @@ import contextlib
 import copy
 import logging
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from pid_export.network import PidNet
+from pid_runtime.decode import DecodeInputs  # the runtime's checked, batch-aligned inputs
 
 BACKEND_NAMES = ("torch-eager", "torch-compile", "onnxruntime", "tensorrt")
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -33,25 +34,6 @@ AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 class BackendSkipped(Exception):
     """This backend cannot run here; the message says why (it becomes the record's reason)."""
-
-
-@dataclass
-class DecodeInputs:
-    """Everything one decode needs, already on the run device."""
-
-    y: Tensor  # [B, Lt, txt_dim]
-    lq_latent: Tensor  # [B, C, h, w]
-    degrade_sigma: Tensor  # [B]
-    noise: Tensor  # [B, 3, H, W]
-    eps: list[Tensor]  # steps - 1 re-noise draws
-
-    @property
-    def batch(self) -> int:
-        return self.noise.shape[0]
-
-    @property
-    def size(self) -> tuple[int, int]:
-        return self.noise.shape[2], self.noise.shape[3]
 
 
 class BenchBackend:
@@ -77,11 +59,21 @@ class BenchBackend:
 
 
 class TorchEager(BenchBackend):
+    """`net` as is, under autocast to `precision` (bf16/fp16) unless `autocast=False` (then the
+    network's parameter dtypes decide: see `pid_export.precision.apply_precision`)."""
+
     name = "torch-eager"
+
+    def __init__(self, net: PidNet, device: torch.device, precision: str, *, autocast: bool = True,
+                 name: str | None = None):
+        super().__init__(net, device, precision)
+        self.autocast = autocast
+        if name is not None:
+            self.name = name
 
     def _autocast(self):
         dtype = AUTOCAST_DTYPES.get(self.precision)
-        if dtype is None:
+        if dtype is None or not self.autocast:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=dtype)
 
@@ -93,28 +85,35 @@ class TorchEager(BenchBackend):
 
         def velocity(x: Tensor, t: Tensor) -> Tensor:
             with torch.inference_mode(), self._autocast():
-                return module(x, t, inputs.y, inputs.lq_latent, inputs.degrade_sigma)
+                return module(x, t, inputs.caption, inputs.latents, inputs.sigma)
 
         return velocity
 
 
 class TorchCompile(TorchEager):
-    """torch.compile with static shapes: each output size compiles once, on its first call."""
+    """torch.compile with static shapes (`mode`: default, max-autotune, ...): each output size
+    compiles once, on its first call."""
 
     name = "torch-compile"
 
-    def __init__(self, net: PidNet, device: torch.device, precision: str):
-        super().__init__(net, device, precision)
+    def __init__(self, net: PidNet, device: torch.device, precision: str, *, autocast: bool = True,
+                 name: str | None = None, mode: str = "default"):
+        super().__init__(net, device, precision, autocast=autocast, name=name)
+        self.mode = mode
         self._compiled: Callable | None = None
 
     def prepare(self, inputs: DecodeInputs) -> None:
         # A fresh wrapper per size, so each size is timed with its own compile on the first call.
         torch._dynamo.reset()
-        self._compiled = torch.compile(self.net, dynamic=False)
+        self._compiled = torch.compile(self.net, dynamic=False, mode=self.mode)
 
     def _module(self) -> Callable:
         assert self._compiled is not None
         return self._compiled
+
+    def close(self) -> None:
+        self._compiled = None
+        torch._dynamo.reset()
 
 
 class RuntimeBackend(BenchBackend):
@@ -137,8 +136,7 @@ class RuntimeBackend(BenchBackend):
 
     def velocity_fn(self, inputs: DecodeInputs) -> Callable[[Tensor, Tensor], Tensor]:
         assert self._backend is not None
-        height, width = inputs.size
-        self._backend.bind(inputs.y, inputs.lq_latent, inputs.degrade_sigma, height, width)
+        self._backend.bind(inputs.caption, inputs.latents, inputs.sigma, inputs.height, inputs.width)
         backend = self._backend
         return lambda x, t: backend.velocity(x, t)
 
@@ -177,7 +175,7 @@ class OnnxRuntime(RuntimeBackend):
             from pid_export.pipeline import LoadedNetwork, export_network
         except ImportError as exc:
             raise BackendSkipped(f"pid_export.pipeline is unavailable ({exc}); pass --onnx DIR") from None
-        height, width = inputs.size
+        height, width = inputs.height, inputs.width
         out_dir = self.work_dir / f"onnx-{self.precision}-b{inputs.batch}-{height}x{width}"
         # torch.onnx logs a warning per torchvision op it cannot register: noise here.
         logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
@@ -187,7 +185,7 @@ class OnnxRuntime(RuntimeBackend):
                                 static_shape=(inputs.batch, height, width))
         self.export_s = time.perf_counter() - start
         y_shape = next((i["shape"] for i in result.metadata.inputs if i["name"] == "y"), None)
-        text_len = inputs.y.shape[1]
+        text_len = inputs.caption.shape[1]
         if y_shape is not None and isinstance(y_shape[1], int) and y_shape[1] != text_len:
             raise BackendSkipped(f"the static export fixes the caption length at {y_shape[1]} tokens but the "
                                  f"benchmark feeds {text_len}: pass --text-len {y_shape[1]} or --onnx DIR "

@@ -133,21 +133,29 @@ def _current_rss_bytes() -> int | None:
 
 
 class PeakMemory:
-    """Peak device memory (torch allocator) on CUDA; peak host RSS, sampled every 5 ms, on the CPU.
-
-    ONNX Runtime's and TensorRT's own GPU allocations are invisible to torch's counter,
-    so for those backends the device figure covers only the torch-side buffers.
+    """Peak memory over a block: on CUDA torch's allocator peak, and the whole GPU's used memory
+    (NVML or cudaMemGetInfo, sampled every 5 ms: it sees TensorRT's and ONNX Runtime's own
+    allocations, which torch's counter does not); on the CPU the peak host RSS, sampled every 5 ms.
     """
 
     def __init__(self, device: torch.device):
         self.device = device
         self._peak_rss = 0
+        self._peak_used = 0
+        self._usage: DeviceUsage | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     def __enter__(self) -> "PeakMemory":
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
+            try:
+                self._usage = DeviceUsage(self.device)
+                self._peak_used = self._usage.used()
+                self._thread = threading.Thread(target=self._sample_device, daemon=True)
+                self._thread.start()
+            except Exception:  # whole-GPU figures are a bonus; torch's counter still works
+                self._usage = None
         elif _current_rss_bytes() is not None:
             self._peak_rss = _current_rss_bytes() or 0
             self._thread = threading.Thread(target=self._sample, daemon=True)
@@ -158,6 +166,14 @@ class PeakMemory:
         while not self._stop.wait(0.005):
             self._peak_rss = max(self._peak_rss, _current_rss_bytes() or 0)
 
+    def _sample_device(self) -> None:
+        assert self._usage is not None
+        while not self._stop.wait(0.005):
+            try:
+                self._peak_used = max(self._peak_used, self._usage.used())
+            except Exception:
+                return
+
     def __exit__(self, *exc) -> None:
         self._stop.set()
         if self._thread is not None:
@@ -165,9 +181,127 @@ class PeakMemory:
 
     def result(self) -> dict[str, float | None | str]:
         if self.device.type == "cuda":
-            return {"peak_device_memory_gb": torch.cuda.max_memory_allocated(self.device) / 1e9,
-                    "peak_host_rss_gb": None}
+            figures: dict[str, float | None | str] = {
+                "peak_device_memory_gb": torch.cuda.max_memory_allocated(self.device) / 1e9,
+                "peak_host_rss_gb": None}
+            if self._usage is not None:
+                figures["peak_device_used_gb"] = self._peak_used / 1e9
+                figures["device_used_source"] = self._usage.source
+            return figures
         if self._thread is None:  # no psutil: the process-lifetime high-water mark (Linux: KiB)
             return {"peak_device_memory_gb": None,
                     "peak_host_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9}
         return {"peak_device_memory_gb": None, "peak_host_rss_gb": self._peak_rss / 1e9}
+
+
+# ---------------------------------------------------------------------------
+# Memory growth of one stage (the overhead benchmark)
+
+_STATUS = "/proc/self/status"
+_CLEAR_REFS = "/proc/self/clear_refs"
+
+
+def _status_kib(field: str) -> int | None:
+    try:
+        with open(_STATUS) as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def _reset_peak_rss() -> bool:
+    """Linux: make VmHWM (the peak RSS) restart from the current RSS; False where that is not possible."""
+    try:
+        with open(_CLEAR_REFS, "w") as f:
+            f.write("5")
+    except OSError:
+        return False
+    return _status_kib("VmHWM") is not None
+
+
+class DeviceUsage:
+    """Bytes in use on the whole GPU (every allocator: torch, TensorRT, ONNX Runtime, the CUDA
+    context): NVML when nvidia-ml-py is installed and finds this GPU by its UUID, else
+    cudaMemGetInfo (torch.cuda.mem_get_info). `source` says which."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self._handle = None
+        self.source = "cudaMemGetInfo"
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            uuid = str(torch.cuda.get_device_properties(device).uuid)
+            self._handle = pynvml.nvmlDeviceGetHandleByUUID(uuid if uuid.startswith("GPU-") else f"GPU-{uuid}")
+            self._nvml = pynvml
+            self.source = "NVML"
+        except Exception:  # no nvidia-ml-py, no NVML access, no uuid in this torch: the CUDA runtime call
+            self._handle = None
+
+    def used(self) -> int:
+        if self._handle is not None:
+            return int(self._nvml.nvmlDeviceGetMemoryInfo(self._handle).used)
+        free, total = torch.cuda.mem_get_info(self.device)
+        return int(total - free)
+
+
+def device_memory_used(device: torch.device) -> int | None:
+    """DeviceUsage(device).used() on CUDA, None elsewhere."""
+    return DeviceUsage(device).used() if device.type == "cuda" else None
+
+
+class MemoryGrowth:
+    """How far a block of code raises peak memory above where it started, in bytes.
+
+    Host: the peak resident set size (VmHWM, reset at entry through
+    /proc/self/clear_refs, so it is exact for this block); where that is not
+    available, RSS sampled every 5 ms by a thread (which can miss short peaks). Device (CUDA): torch's peak
+    allocation above its allocation at entry, and the whole GPU's used memory
+    (NVML or cudaMemGetInfo) at entry and exit, which also sees memory outside
+    torch's allocator (TensorRT, ONNX Runtime) but not short-lived peaks.
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.host_peak_growth: int | None = None
+        self.device_peak_growth: int | None = None
+        self.device_used_growth: int | None = None
+        self.host_method = ""
+        self._sampler = None
+
+    def __enter__(self) -> "MemoryGrowth":
+        import gc
+
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self._device_start = torch.cuda.memory_allocated(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._used_start = device_memory_used(self.device)
+        self._rss_start = _status_kib("VmRSS")
+        if self._rss_start is not None and _reset_peak_rss():
+            self.host_method = "VmHWM (peak RSS, reset at the start)"
+        else:
+            self._sampler = PeakMemory(torch.device("cpu"))
+            self._sampler.__enter__()
+            self.host_method = "RSS sampled every 5 ms"
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.device_peak_growth = torch.cuda.max_memory_allocated(self.device) - self._device_start
+            used = device_memory_used(self.device)
+            if used is not None and self._used_start is not None:
+                self.device_used_growth = used - self._used_start
+        if self._sampler is not None:
+            self._sampler.__exit__(*exc)
+            start = self._rss_start * 1024 if self._rss_start is not None else 0
+            self.host_peak_growth = max(self._sampler._peak_rss - start, 0) if start else None
+        else:
+            peak = _status_kib("VmHWM")
+            self.host_peak_growth = (peak - self._rss_start) * 1024 if peak is not None else None

@@ -68,11 +68,13 @@ def make_inputs(cfg: PidConfig, size: tuple[int, int], batch: int, steps: int, t
     y = torch.randn(batch, text_len, cfg.txt_embed_dim, generator=gen)
     noise, eps = draw_noise((batch, 3, height, width), steps, seed, "cpu")
     move = lambda t: t.to(device)  # noqa: E731
-    return DecodeInputs(move(y), move(lq_latent), torch.zeros(batch, device=device), move(noise),
-                        [move(e) for e in eps])
+    return DecodeInputs(latents=move(lq_latent), caption=move(y), sigma=torch.zeros(batch, device=device),
+                        height=height, width=width, noise=move(noise),
+                        eps=move(torch.stack(eps) if eps else noise.new_empty(0, *noise.shape)))
 
 
 def _decode(velocity, inputs: DecodeInputs, steps: int, buffer, on_step=None) -> torch.Tensor:
+    assert inputs.noise is not None and inputs.eps is not None  # make_inputs draws them
     return sample(velocity, inputs.noise, inputs.eps, steps, x_buffer=buffer, on_step=on_step)
 
 
@@ -114,7 +116,7 @@ def time_backend(backend: BenchBackend, inputs: DecodeInputs, s: Settings, recor
     synchronize(device)
 
     median = percentile(decode_ms, 50)
-    flops = decode_flops(s.cfg, *inputs.size, batch=inputs.batch, steps=s.steps, text_len=s.text_len)
+    flops = decode_flops(s.cfg, inputs.height, inputs.width, batch=inputs.batch, steps=s.steps, text_len=s.text_len)
     achieved = flops / (median / 1e3) / 1e12
     record.update(
         status="ok",
@@ -188,7 +190,7 @@ def run_benchmark(net: PidNet, weights: str, s: Settings,
             inputs = make_inputs(s.cfg, size, s.batch, s.steps, s.text_len, s.seed, s.device)
             outputs: dict[int, torch.Tensor] = {}
             for name, backend in backends.items():
-                record = _new_record(name, size, s, env, peak, peak_source)
+                record = new_record(name, size, s, env, peak, peak_source)
                 document["records"].append(record)
                 if s.time_budget_s is not None and time.perf_counter() - began > s.time_budget_s:
                     record.update(status="skipped", reason=f"time budget of {s.time_budget_s:.0f} s used up")
@@ -220,8 +222,8 @@ def run_benchmark(net: PidNet, weights: str, s: Settings,
     return document
 
 
-def _new_record(backend: str, size: tuple[int, int], s: Settings, env: dict, peak: float | None,
-                peak_source: str) -> dict[str, Any]:
+def new_record(backend: str, size: tuple[int, int], s: Settings, env: dict, peak: float | None,
+               peak_source: str) -> dict[str, Any]:
     height, width = size
     return {
         "backend": backend, "status": "pending", "reason": None,

@@ -74,6 +74,8 @@ COLUMNS = (
     ("TFLOP/s", lambda r: _fmt(r.get("achieved_tflops"), 2)),
     ("% peak", lambda r: _fmt(r.get("pct_of_peak"))),
     ("peak mem GB", lambda r: _fmt(r.get("peak_device_memory_gb") or r.get("peak_host_rss_gb"), 2)),
+    ("GPU used GB", lambda r: _fmt(r.get("peak_device_used_gb"), 2)),
+    ("runtime overhead ms", lambda r: _fmt(r.get("overhead_ms_median"))),
     ("max rel err", lambda r: _fmt(r.get("max_rel_err"), 4)),
     ("PSNR dB", lambda r: "identical" if r.get("max_abs_err") == 0 else _fmt(r.get("psnr_db"))),
 )
@@ -85,20 +87,22 @@ def _div(value: float | None, by: float) -> float | None:
 
 def markdown(document: dict[str, Any]) -> str:
     records = document["records"]
-    env = document["environment"]
+    env = document.get("environment", {"device": "?", "device_name": "?", "torch": "?"})
+    settings = document.get("settings", {})
     lines = [
-        f"# PiD decode latency: {document['model']} on {env['device_name']}",
+        f"# PiD decode latency: {document.get('model', '?')} on {env['device_name']}",
         "",
-        f"Weights: {document['weights']}. Caption length {document['settings']['text_len']}, seed "
-        f"{document['settings']['seed']}; {document['settings']['warmup']} warm-up decode(s) after the first, "
-        f"then {document['settings']['repeat']} timed decodes. torch {env['torch']}"
+        f"Weights: {document.get('weights', '?')}. Caption length {settings.get('text_len')}, seed "
+        f"{settings.get('seed')}; {settings.get('warmup')} warm-up decode(s) after the first, "
+        f"then {settings.get('repeat')} timed decodes. torch {env['torch']}"
         + (f", onnxruntime {env['onnxruntime']}" if env.get("onnxruntime") else "") + "."
-        + (f" torch CPU threads: {document['settings']['torch_threads']} (ONNX Runtime: its default pool)."
-           if "torch_threads" in document["settings"] else ""),
+        + (f" torch CPU threads: {settings['torch_threads']} (ONNX Runtime: its default pool)."
+           if "torch_threads" in settings else ""),
         "",
         "Latency = one whole decode (all steps, the whole batch); per image = that / B; per call = one "
         "network call. '% peak' uses " + (records[0]["peak_source"] if records else "n/a") + ". Peak memory: "
-        + ("torch's device allocator." if env["device"].startswith("cuda") else "host RSS (CPU run)."),
+        + ("torch's device allocator; GPU used: the whole GPU (NVML or cudaMemGetInfo, sampled)."
+           if env["device"].startswith("cuda") else "host RSS (CPU run)."),
         "Accuracy: the clamped decode against float32 eager PyTorch on the same inputs and noise "
         "(max relative error = max |a-b| / max |ref|; PSNR on images in [0, 1]).",
         "",
@@ -113,7 +117,33 @@ def markdown(document: dict[str, Any]) -> str:
         lines.append("| " + " | ".join(str(cell(record)) for _, cell in COLUMNS) + " |")
     if skipped:
         lines += ["", "Not measured:", *skipped]
+    if document.get("overhead"):
+        lines += ["", *overhead_markdown(document["overhead"])]
+    if document.get("cut_short"):
+        lines += ["", f"The run was cut short by its time budget after {document.get('wall_s', 0):.0f} s."]
     return "\n".join(lines) + "\n"
+
+
+def overhead_markdown(rows: list[dict[str, Any]]) -> list[str]:
+    """The runtime's own cost around a stand-in network (benchmarks.overhead rows of gpu.py)."""
+    lines = ["## Runtime overhead (stand-in network: velocity = x / 2)", "",
+             "Growth of peak memory above the start of each stage, in image-sizes (one image = float32 "
+             "[3, H, W]); device = torch's allocator.", "",
+             "| output | decode s | decode device + | decode host + | PNG write s | PNG host + | "
+             "CUDA noise check | CUDA graph = eager | graph replay device + |", "|" + "---|" * 9]
+    for row in rows:
+        if row["status"] != "ok":
+            lines.append(f"| {row['output_size']} | {row['status']}: {row.get('reason')} |")
+            continue
+        decode, png = row["stages"]["decode"], row["stages"].get("write_png", {})
+        graph = row.get("cuda_graph", {})
+        cells = [row["output_size"], _fmt(decode.get("seconds_median"), 3),
+                 _fmt(decode.get("device_peak_growth_images"), 2), _fmt(decode.get("host_peak_growth_images"), 2),
+                 _fmt(png.get("seconds_median"), 3), _fmt(png.get("host_peak_growth_images"), 2),
+                 row.get("cuda_noise_check", "n/a"), str(graph.get("equal_to_eager", "n/a")),
+                 _fmt(graph.get("replay_device_peak_growth_images"), 2)]
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    return lines
 
 
 def write_markdown(path: Path, document: dict[str, Any]) -> None:
@@ -136,7 +166,7 @@ def write_plot(path: Path, document: dict[str, Any]) -> str | None:
         import matplotlib.pyplot as plt
     except ModuleNotFoundError:
         return "matplotlib is not installed (pip install 'pid-export[bench]')"
-    measured = [r for r in document["records"] if r["status"] == "ok"]
+    measured = [r for r in document["records"] if r["status"] == "ok" and r.get("per_image_ms_median") is not None]
     if not measured:
         return "no backend produced a measurement"
 

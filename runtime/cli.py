@@ -15,7 +15,7 @@ import click
 import torch
 
 from .backends import BackendError, open_backend, preflight
-from .decode import DecodeError, decode, format_timings
+from .decode import DecodeError, decode, format_timings, profile_batch_range
 from .io import InputError, check_output_path, load_caption, load_latents, load_noise, output_paths, write_output
 from .latents import BACKBONE_NAMES, LatentError, pipeline_latents_for_cli
 from .metadata import EMPTY_CAPTION_NAME, MetadataError
@@ -77,12 +77,16 @@ NAME_1.png, ... Files appear only when the decode succeeded.
 
 \b
 Noise: --seed S draws the initial noise and then one eps per re-noise step from one
-torch.Generator on the run device, for the whole batch at once (the reference
-order, so a decode with seed S matches the reference PyTorch decode with seed S).
---batch-size N then decodes N items at a time from slices of that same noise:
-results do not depend on N. --noise F.safetensors gives the noise explicitly
-('noise' [B,3,H,W], 'eps' [steps-1,B,3,H,W]) for exact reproducibility across
-backends.
+torch.Generator on the run device, each for the whole batch (the reference order,
+so a decode with seed S matches the reference PyTorch decode with seed S on the
+same device). Each draw is made when the sampler needs it. --batch-size N (or an
+engine whose profile takes fewer items) decodes N items at a time with their rows
+of that same noise: results do not depend on N. The same seed gives the same
+noise on the same kind of device, whatever the backend: CPU draws are the same
+on every CPU, CUDA draws differ from CPU draws and between GPU models (torch
+sizes its random kernels by the GPU's multiprocessor count). --noise
+F.safetensors gives the noise explicitly ('noise' [B,3,H,W], 'eps'
+[steps-1,B,3,H,W]) for the exact same decode across devices.
 
 \b
 Also: `{PROG} embed TEXT --out F` writes caption embeddings (where this
@@ -117,7 +121,8 @@ of unexpected errors.
               help="Bits per channel of .png output.")
 @click.option("--device", default="auto", show_default=True, metavar="auto|cpu|cuda|cuda:N",
               help="Where the decode runs (auto: CUDA when available).")
-@click.option("--cuda-graph", is_flag=True, help="TensorRT only: capture the whole step loop as one CUDA graph.")
+@click.option("--cuda-graph", is_flag=True, help="TensorRT only: replay each step as a CUDA graph (same noise, "
+              "same memory).")
 @click.option("--pipeline", type=click.Choice(BACKBONE_NAMES, case_sensitive=False), default=None,
               help="LATENTS are a diffusers pipeline's output_type=\"latent\" output for this backbone (packed "
                    "Flux/Flux2/Qwen-Image tokens, Flux2-Klein's raw latent, ...): unpack them, and take --sigma "
@@ -166,8 +171,11 @@ def run_command(model: str, latents: str, out: str | None, caption_embeds: str |
         say(f"decoding {lq.shape[0]} x {height}x{width} px, {steps} step(s), {source}")
         ts = timesteps(steps)
 
+        profile = profile_batch_range(backend)  # an engine decodes at most its profile's max batch at a time
+        chunk_size = min(batch_size or lq.shape[0], profile[1] if profile else lq.shape[0])
+
         def on_step(chunk: int, step: int, t: float, seconds: float) -> None:
-            prefix = f"chunk {chunk + 1} " if batch_size is not None and batch_size < lq.shape[0] else ""
+            prefix = f"chunk {chunk + 1} " if chunk_size < lq.shape[0] else ""
             say(f"  {prefix}step {step + 1}/{steps} (t={ts[step]:g}): {seconds * 1e3:.1f} ms")
 
         result = decode(backend, lq, caption, sigmas, seed=seed, steps=steps, noise=noise,

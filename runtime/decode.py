@@ -1,12 +1,18 @@
-"""One decode, backend-agnostic: check the inputs, get the noise, bind, sample, time each step.
+"""One decode, backend-agnostic: check the inputs, bind, sample (noise drawn lazily), time each step.
 
-Noise and batching: with a seed, the noise of the *whole* batch is drawn at once in
-the reference order (initial noise [B,3,H,W], then one eps [B,3,H,W] per re-noise
-step) by one torch.Generator on the backend's device, exactly as an un-chunked
-reference decode draws it. `batch_size` chunks then take their slices of those
-tensors, so every item's image is the same whatever `batch_size` is, and equals
-the reference decode of the full batch with that seed. With fixed noise
-(`noise`, `eps` [S-1,B,3,H,W]) the chunks slice the given tensors the same way.
+Noise and batching: with a seed, the noise is the reference draw for the *whole*
+batch (initial noise [B,3,H,W], then one eps [B,3,H,W] per re-noise step, from
+one torch.Generator on the backend's device, seeded once), exactly as an
+un-chunked reference decode draws it. It is drawn lazily, one tensor at a time
+(`pid_runtime.sampler.SeededNoise`), and a chunk of the batch (`batch_size`, or
+the engine profile's maximum batch) gets its own rows of those draws, so every
+item's image is the same whatever the chunking. With fixed noise (`noise`,
+`eps` [S-1,B,3,H,W]) the chunks take rows of the given tensors the same way.
+
+Memory (beyond the network's own buffers): x (the backend's bound input buffer
+when it has one), the network output, one eps buffer, and the result, which is
+allocated once on the CPU ([B,3,H,W] float32) and filled chunk by chunk; on the
+CPU, x lives in the result itself.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ from torch import Tensor
 
 from .backends.base import Backend
 from .metadata import ModelMetadata
-from .sampler import MAX_STEPS, draw_noise, num_renoise, sample
+from .sampler import MAX_STEPS, FixedNoise, Noise, NonFiniteError, SeededNoise, num_renoise, sample
 
 PATCH_SIZE = 16  # SPEC: every released network; a custom export's own value is in its metadata
 # Output sizes (px, either side) each release variant was trained for; mirrors the
@@ -51,8 +57,9 @@ class DecodeInputs:
 
 @dataclass
 class DecodeTimings:
-    """Seconds. `steps[c][i]`: network call i (plus its step math) of chunk c; empty for a
-    chunk whose loop ran as one CUDA graph. `loops[c]`: chunk c's whole sampler loop."""
+    """Seconds. `steps[c][i]`: network call i of chunk c with its eps draw and step math;
+    `loops[c]`: chunk c's whole sampler loop. `noise`: host time spent drawing noise (part
+    of the steps; on a GPU the draws are queued asynchronously, so this is their launch time)."""
 
     noise: float = 0.0
     bind: list[float] = field(default_factory=list)
@@ -212,15 +219,35 @@ def fixed_batch(meta: ModelMetadata) -> int | None:
     return None
 
 
-def chunk_bounds(batch: int, batch_size: int | None, meta: ModelMetadata) -> list[tuple[int, int]]:
+def profile_batch_range(backend: Backend) -> tuple[int, int] | None:
+    """(min, max) batch of the backend's engine profile (TensorRT's `profile_ranges`), else None."""
+    ranges = getattr(backend, "profile_ranges", None)
+    if isinstance(ranges, dict) and "x" in ranges:
+        low, high = ranges["x"]
+        return int(low[0]), int(high[0])
+    return None
+
+
+def chunk_bounds(batch: int, batch_size: int | None, meta: ModelMetadata,
+                 batch_range: tuple[int, int] | None = None) -> list[tuple[int, int]]:
+    """[(lo, hi), ...]: the items each chunk decodes.
+
+    `batch_range` (the engine profile's min and max batch) caps the chunk size at
+    the profile's maximum, so a larger batch decodes in chunks instead of failing.
+    """
     size = batch if batch_size is None else batch_size
     if size < 1:
         raise DecodeError(f"batch size must be at least 1, got {size}")
+    if batch_range is not None:
+        size = min(size, batch_range[1])
     bounds = [(start, min(start + size, batch)) for start in range(0, batch, size)]
     fixed = fixed_batch(meta)
     if fixed is not None and any(stop - start != fixed for start, stop in bounds):
         raise DecodeError(f"this export has a fixed batch of {fixed}: decode {fixed} item(s) at a time "
                           f"(--batch-size {fixed} with a multiple of {fixed} latents) or re-export with dynamic shapes")
+    if batch_range is not None and any(stop - start < batch_range[0] for start, stop in bounds):
+        raise DecodeError(f"the engine's profile needs at least {batch_range[0]} items per call: decode a "
+                          f"multiple of {batch_range[0]} latents, or build the engine with a minimum batch of 1")
     return bounds
 
 
@@ -233,47 +260,65 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+class _TimedNoise(Noise):
+    """A noise source that adds the host seconds spent drawing to `timings.noise`."""
+
+    def __init__(self, inner: Noise, timings: DecodeTimings):
+        self.inner, self.timings, self.shape, self.device = inner, timings, inner.shape, inner.device
+
+    def _timed(self, draw: Callable[[], None]) -> None:
+        start = time.perf_counter()
+        draw()
+        self.timings.noise += time.perf_counter() - start
+
+    def initial(self, out: Tensor) -> None:
+        self._timed(lambda: self.inner.initial(out))
+
+    def eps(self, index: int, out: Tensor) -> None:
+        self._timed(lambda: self.inner.eps(index, out))
+
+    def rows(self, lo: int, hi: int) -> Noise:
+        return _TimedNoise(self.inner.rows(lo, hi), self.timings)
+
+
 def decode(backend: Backend, latents: Tensor, caption: Tensor, sigma: float | Sequence[float] | Tensor = 0.0,
            seed: int | None = 0, steps: int = MAX_STEPS, noise: tuple[Tensor, Tensor] | None = None,
            batch_size: int | None = None,
            on_step: Callable[[int, int, float, float], None] | None = None) -> DecodeResult:
-    """Decode `latents` [B,C,h,w] to images float32 [B,3,H,W] in [-1,1].
+    """Decode `latents` [B,C,h,w] to images float32 [B,3,H,W] in [-1,1] (on the CPU).
 
     `noise` = (noise [B,3,H,W], eps [S-1,B,3,H,W]) replaces the seeded draw.
+    `batch_size` decodes at most that many items at a time (an engine's profile caps it too).
     `on_step(chunk, step, t, seconds)` reports each network step as it finishes.
     """
     fixed_noise, fixed_eps = noise if noise is not None else (None, None)
     size_range, range_source = supported_size_range(backend)
     inputs = check_inputs(backend.meta, latents, caption, sigma, steps, fixed_noise, fixed_eps,
                           size_range, range_source)
-    bounds = chunk_bounds(inputs.batch, batch_size, backend.meta)
+    bounds = chunk_bounds(inputs.batch, batch_size, backend.meta, profile_batch_range(backend))
     device = backend.device
     timings = DecodeTimings()
     start = time.perf_counter()
 
     shape = (inputs.batch, 3, inputs.height, inputs.width)
+    source: Noise
     if inputs.noise is not None and inputs.eps is not None:
-        all_noise, all_eps = inputs.noise, list(inputs.eps[: num_renoise(steps)])
+        source = FixedNoise(inputs.noise, inputs.eps[: num_renoise(steps)])
         used_seed = None
     else:
         if seed is None:
             raise DecodeError("give a seed or fixed noise")
-        all_noise, all_eps = draw_noise(shape, steps, seed, device)
-        if len(bounds) > 1 and device.type == "cuda":
-            # Drawn whole (that is what makes chunking invisible); parked on the host between chunks.
-            all_noise, all_eps = all_noise.cpu(), [e.cpu() for e in all_eps]
+        source = SeededNoise(shape, seed, device)
         used_seed = seed
-    _sync(device)
-    timings.noise = time.perf_counter() - start
+    source = _TimedNoise(source, timings)
+    images = torch.empty(shape, dtype=torch.float32)  # the result, filled chunk by chunk
 
-    outputs = []
     for chunk, (lo, hi) in enumerate(bounds):
         t0 = time.perf_counter()
         backend.bind(inputs.caption[lo:hi].to(device), inputs.latents[lo:hi].to(device),
                      inputs.sigma[lo:hi].to(device), inputs.height, inputs.width)
         _sync(device)
         timings.bind.append(time.perf_counter() - t0)
-        chunk_noise, chunk_eps = all_noise[lo:hi].to(device), [e[lo:hi].to(device) for e in all_eps]
         chunk_steps: list[float] = []
         loop_start = time.perf_counter()
         last = [loop_start]
@@ -287,31 +332,37 @@ def decode(backend: Backend, latents: Tensor, caption: Tensor, sigma: float | Se
             if on_step is not None:
                 on_step(chunk, step, t, chunk_steps[-1])
 
-        own_loop = getattr(backend, "sample", None)
-        if callable(own_loop):  # e.g. TensorRT, which may replay the loop as one CUDA graph
-            x = own_loop(chunk_noise, chunk_eps, steps, on_step=record)
-        else:
-            x = sample(backend.velocity, chunk_noise, chunk_eps, steps=steps, x_buffer=backend.input_buffer(),
-                       on_step=record)
-        outputs.append(x.to("cpu", torch.float32))
+        result_rows = images[lo:hi]
+        try:
+            own_loop = getattr(backend, "sample", None)
+            if callable(own_loop):  # e.g. TensorRT: x in its bound buffer, optionally CUDA graphs
+                own_loop(source.rows(lo, hi), None, steps, on_step=record, out=result_rows)
+            else:
+                x_buffer = backend.input_buffer()
+                if x_buffer is None:  # on the CPU x lives in the result itself: no copy at the end
+                    x_buffer = result_rows if device.type == "cpu" else torch.empty(
+                        result_rows.shape, dtype=torch.float32, device=device)
+                sample(backend.velocity, source.rows(lo, hi), steps=steps, x_buffer=x_buffer,
+                       on_step=record, out=result_rows)
+                del x_buffer
+        except NonFiniteError as exc:  # e.g. an fp16 engine overflowing
+            where = f" (items {lo + 1}..{hi} of {inputs.batch})" if len(bounds) > 1 else ""
+            raise DecodeError(f"{exc}{where}") from None
         _sync(device)
         timings.loops.append(time.perf_counter() - loop_start)
         timings.steps.append(chunk_steps)
     timings.total = time.perf_counter() - start
-    images = torch.cat(outputs) if len(outputs) > 1 else outputs[0]
-    if not bool(torch.isfinite(images).all()):  # e.g. an fp16 engine overflowing
-        raise DecodeError("the model produced NaN or Inf values")
     return DecodeResult(images, timings, used_seed)
 
 
 def format_timings(timings: DecodeTimings) -> str:
     """The summary line: total, then where the time went (per-step lines come from `on_step`)."""
     per_step = timings.step_totals()
-    detail = f" ({', '.join(f'{seconds * 1e3:.1f}' for seconds in per_step)} ms)" if per_step else " (one graph)"
+    detail = f" ({', '.join(f'{seconds * 1e3:.1f}' for seconds in per_step)} ms)" if per_step else ""
     chunks = f", {len(timings.loops)} chunks" if len(timings.loops) > 1 else ""
-    return (f"total {timings.total:.3f} s: steps {sum(timings.loops):.3f} s{detail}, "
-            f"bind {sum(timings.bind) * 1e3:.1f} ms, noise {timings.noise * 1e3:.1f} ms{chunks}")
+    return (f"total {timings.total:.3f} s: steps {sum(timings.loops):.3f} s{detail} including noise draws "
+            f"{timings.noise * 1e3:.1f} ms, bind {sum(timings.bind) * 1e3:.1f} ms{chunks}")
 
 
 __all__ = ["DecodeError", "DecodeInputs", "DecodeResult", "DecodeTimings", "check_inputs", "decode",
-           "format_timings", "output_size", "supported_size_range"]
+           "format_timings", "output_size", "profile_batch_range", "supported_size_range"]

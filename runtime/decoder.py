@@ -25,7 +25,7 @@ from torch import Tensor
 from .backends import Backend, open_backend, preflight
 from .caption import load_encoder, default_caption_model, resolve_caption
 from .decode import DecodeTimings, decode
-from .io import to_pixels
+from .io import pixel_rows
 from .latents import LatentError, backbone_of_release, check_backbone_fits, from_pipeline, to_training_frame
 from .sampler import MAX_STEPS
 
@@ -148,7 +148,8 @@ def postprocess(sample: Tensor, output_type: str = "pil") -> Any:
     if output_type == "pil":
         from PIL import Image
 
-        return [Image.fromarray(pixels) for pixels in to_pixels(sample, 8)]  # the pixels pid-run writes
+        # The pixels pid-run writes to a PNG.
+        return [Image.fromarray(pixel_rows(item, 8, slice(None))) for item in sample]
     images = (sample.detach().to("cpu", torch.float32).clamp(-1, 1) + 1) / 2
     return images if output_type == "pt" else images.permute(0, 2, 3, 1).numpy()
 

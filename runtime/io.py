@@ -150,39 +150,79 @@ def output_paths(path: Path, batch: int) -> list[Path]:
     return [path.with_name(f"{path.stem}_{i}{path.suffix}") for i in range(batch)]
 
 
-def to_pixels(sample: Tensor, bit_depth: int) -> np.ndarray:
-    """[B,3,H,W] in [-1,1] -> [B,H,W,3] uint8 / uint16, image = (x + 1) / 2, rounded."""
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+PNG_ROWS_PER_BLOCK = 64  # rows converted and compressed at a time (a 4K block is ~3 MB of float32)
+IDAT_BYTES = 1 << 20  # compressed bytes per IDAT chunk
+
+
+def pixel_rows(item: Tensor, bit_depth: int, rows: slice) -> np.ndarray:
+    """Rows of one image [3,H,W] in [-1,1] as [n,W,3] uint8 / big-endian uint16: image = (x + 1) / 2,
+    rounded half to even. In numpy on purpose: on a busy machine torch's threads wait on each
+    other for blocks this small (10x slower than one numpy thread)."""
     top = (1 << bit_depth) - 1
-    image = ((sample.detach().to("cpu", torch.float32).clamp(-1, 1) + 1) / 2 * top).round()
-    return image.permute(0, 2, 3, 1).numpy().astype(np.uint8 if bit_depth == 8 else np.uint16)
+    block = np.clip(item[:, rows].detach().to("cpu", torch.float32).numpy(), -1, 1)
+    block += 1
+    block *= top / 2  # (x + 1) * (top / 2) rounds once, like ((x + 1) / 2) * top: the halving is exact
+    np.rint(block, out=block)
+    return block.transpose(1, 2, 0).astype(np.uint8 if bit_depth == 8 else ">u2", order="C")
 
 
-def encode_png16(pixels: np.ndarray) -> bytes:
-    """A 16-bit RGB PNG of [H,W,3] uint16 (Pillow writes 16 bits only for greyscale)."""
-    height, width, _ = pixels.shape
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    rows = pixels.astype(">u2").reshape(height, width * 3)
-    raw = np.concatenate([np.zeros((height, 1), np.uint8), rows.view(np.uint8)], axis=1)  # filter 0 per row
-    header = struct.pack(">IIBBBBB", width, height, 16, 2, 0, 0, 0)  # 16 bit, truecolour
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
-            + chunk(b"IDAT", zlib.compress(raw.tobytes(), 6)) + chunk(b"IEND", b""))
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(data, zlib.crc32(kind)))
 
 
-def _write_png(pixels: np.ndarray, path: Path) -> None:
-    """One [H,W,3] image (uint8 or uint16) as PNG."""
-    if pixels.dtype == np.uint16:
-        path.write_bytes(encode_png16(pixels))
-    else:
-        from PIL import Image
+def write_png(item: Tensor, path: Path, bit_depth: int = 8) -> None:
+    """One image [3,H,W] in [-1,1] as an RGB PNG of 8 or 16 bits per channel, streamed.
 
-        Image.fromarray(pixels).save(path, format="PNG")
+    Rows are converted, filtered and compressed a block at a time, so the whole
+    image never exists as pixels: memory is one block, whatever the size. Every
+    row uses PNG's "Up" filter (the byte above subtracted; numpy does it for a
+    block in one operation) and deflate's run-length strategy at level 1. Against
+    Pillow's defaults (which pick a filter per row by trying all five, even at
+    compress_level 0) this is 4.5-9x less CPU per 4K image, files the same size
+    for detailed images, 10% larger for very smooth ones (benchmarks/README.md,
+    "PNG encoding").
+    """
+    _, height, width = item.shape
+    compressor = zlib.compressobj(1, zlib.DEFLATED, 15, 9, zlib.Z_RLE)
+    row_bytes = width * 3 * bit_depth // 8
+    header = struct.pack(">IIBBBBB", width, height, bit_depth, 2, 0, 0, 0)  # truecolour, no interlace
+    filtered = np.empty((PNG_ROWS_PER_BLOCK, 1 + row_bytes), np.uint8)
+    filtered[:, 0] = 2  # filter type "Up" on every row
+    above = np.zeros(row_bytes, np.uint8)  # the row above the first one counts as zeros
+    pending: list[bytes] = []
+    size = 0
+    with open(path, "wb") as handle:
+        handle.write(PNG_SIGNATURE + _png_chunk(b"IHDR", header))
+
+        def emit(data: bytes, final: bool = False) -> None:
+            nonlocal size
+            if data:
+                pending.append(data)
+                size += len(data)
+            if size >= IDAT_BYTES or (final and size):
+                handle.write(_png_chunk(b"IDAT", b"".join(pending)))
+                pending.clear()
+                size = 0
+
+        for top in range(0, height, PNG_ROWS_PER_BLOCK):
+            raw = pixel_rows(item, bit_depth, slice(top, top + PNG_ROWS_PER_BLOCK))
+            raw = raw.reshape(raw.shape[0], row_bytes) if bit_depth == 8 else \
+                raw.view(np.uint8).reshape(raw.shape[0], row_bytes)  # big-endian bytes, as PNG stores them
+            n = raw.shape[0]
+            np.subtract(raw[0], above, out=filtered[0, 1:])
+            np.subtract(raw[1:], raw[:-1], out=filtered[1:n, 1:])
+            above = raw[-1].copy()
+            emit(compressor.compress(filtered[:n].data))
+        emit(compressor.flush(), final=True)
+        handle.write(_png_chunk(b"IEND", b""))
 
 
 def write_output(sample: Tensor, path: str | os.PathLike[str], bit_depth: int = 8) -> list[Path]:
-    """Write the clamped sample [B,3,H,W]; returns the files written (all or none)."""
+    """Write the clamped sample [B,3,H,W]; returns the files written (all or none).
+
+    PNGs are written one item at a time, streamed (see `write_png`); `.npy` is one file.
+    """
     path = check_output_path(path, bit_depth)
     batch = sample.shape[0]
     targets = output_paths(path, batch)
@@ -191,7 +231,7 @@ def write_output(sample: Tensor, path: str | os.PathLike[str], bit_depth: int = 
         array = sample.detach().to("cpu", torch.float32).contiguous().numpy()
         writers = [lambda tmp: np.save(tmp, array)]
     else:
-        writers = [functools.partial(_write_png, item) for item in to_pixels(sample, bit_depth)]
+        writers = [functools.partial(write_png, item.detach(), bit_depth=bit_depth) for item in sample]
     _write_all_atomically(targets, writers)
     return targets
 

@@ -14,7 +14,7 @@ from exports import export_cases, export_root, golden_tensors  # noqa: F401 (fix
 from pid_runtime import PidDecoder
 from pid_runtime.caption import CaptionError
 from pid_runtime.cli import main
-from pid_runtime.io import to_pixels
+from pid_runtime.io import pixel_rows
 from pid_runtime.latents import LatentError
 from pid_runtime.metadata import EMPTY_CAPTION_NAME
 
@@ -122,7 +122,7 @@ def test_decoder_matches_pid_run_and_reuses_its_backend(export_dir, inputs, capf
         tensor = decoder.decode(packed, output_type="pt", **kwargs)
         torch.testing.assert_close(tensor, (reference + 1) / 2, rtol=0, atol=0)
         pil = decoder.decode(packed, **kwargs)  # default: a list of PIL images, as pid-run writes them
-        assert [np.asarray(im).tolist() for im in pil] == to_pixels(reference, 8).tolist()
+        assert [np.asarray(im).tolist() for im in pil] == [pixel_rows(item, 8, slice(None)).tolist() for item in reference]
         array = decoder.decode(inputs["latent_t"], output_type="np", **kwargs)
         assert array.shape == (2, 128, 64, 3) and np.array_equal(array, tensor.permute(0, 2, 3, 1).numpy())
         other = decoder.decode(packed, output_type="pt", **dict(kwargs, seed=6))

@@ -186,7 +186,8 @@ def test_input_formats_load_as_float32_batches(tmp_path):
 
 
 def _independent_png16_read(path: Path) -> np.ndarray:
-    """Decode a filter-0, non-interlaced 16-bit RGB PNG with zlib alone (the format, not our writer)."""
+    """Decode a non-interlaced 16-bit RGB PNG whose rows use filter None or Up, with zlib alone
+    (the format, not our writer)."""
     data = path.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
     pos, chunks = 8, {}
@@ -199,8 +200,12 @@ def _independent_png16_read(path: Path) -> np.ndarray:
     width, height, depth, colour, _, _, interlace = struct.unpack(">IIBBBBB", chunks[b"IHDR"])
     assert (depth, colour, interlace) == (16, 2, 0)
     raw = np.frombuffer(zlib.decompress(chunks[b"IDAT"]), np.uint8).reshape(height, 1 + width * 6)
-    assert (raw[:, 0] == 0).all()
-    return raw[:, 1:].copy().view(">u2").reshape(height, width, 3).astype(np.uint16)
+    filters, rows = raw[:, 0], raw[:, 1:].copy()
+    assert set(filters.tolist()) <= {0, 2}, f"filter types {set(filters.tolist())}"
+    for r in range(1, height):  # Up: add the (decoded) byte above, modulo 256
+        if filters[r] == 2:
+            rows[r] += rows[r - 1]
+    return rows.view(">u2").reshape(height, width, 3).astype(np.uint16)
 
 
 def test_png_outputs_are_the_rounded_image(tmp_path):

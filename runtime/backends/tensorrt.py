@@ -22,13 +22,14 @@ import torch
 from torch import Tensor
 
 from ..metadata import INPUT_NAMES, OUTPUT_NAMES, ModelMetadata
-from ..sampler import sample
+from ..sampler import MAX_STEPS, sample
 from .base import Backend, BackendError
 
 if TYPE_CHECKING:
     import tensorrt as trt
 
     from ..cuda_graph import CapturedSampler
+    from ..sampler import Noise
 
 MIN_TENSORRT = (10, 14)
 INSTALL_HINT = ("pip install --extra-index-url https://pypi.nvidia.com 'tensorrt>=10.14' "
@@ -451,24 +452,22 @@ class TensorRTBackend(Backend):
         if not ok:
             raise BackendError(f"TensorRT execution failed: {last_errors(self._errors)}")
 
-    def sample(self, noise: Tensor, eps: Sequence[Tensor], steps: int,
-               on_step: Callable[[int, float], None] | None = None) -> Tensor:
-        """The sampler loop with x kept in the bound buffer; a replayed CUDA graph
-        when `cuda_graph` is set (then `on_step` is not called: the steps run as one launch)."""
+    def sample(self, noise: "Tensor | Noise", eps: Sequence[Tensor] | Tensor | None = None, steps: int = MAX_STEPS,
+               on_step: Callable[[int, float], None] | None = None, out: Tensor | None = None) -> Tensor:
+        """The sampler loop with x kept in the bound buffer (`noise`, `eps`, `out`: see
+        `pid_runtime.sampler.sample`); replayed CUDA graphs, one per step, when `cuda_graph` is set."""
         if not self._buffers:
             raise BackendError("TensorRTBackend.sample called before bind()")
-        noise = noise.to(self.device, torch.float32)
-        eps = [e.to(self.device, torch.float32) for e in eps]
         if not self.cuda_graph:
-            return sample(self.velocity, noise, eps, steps, x_buffer=self._buffers["x"], on_step=on_step)
+            return sample(self.velocity, noise, eps, steps, x_buffer=self._buffers["x"], on_step=on_step, out=out)
         from ..cuda_graph import CapturedSampler
 
         graph = self._graphs.get(steps)
         if graph is None:
-            graph = CapturedSampler(self.velocity, tuple(noise.shape), steps, self.device,
+            graph = CapturedSampler(self.velocity, tuple(self._buffers["x"].shape), steps, self.device,
                                     x_buffer=self._buffers["x"])
             self._graphs[steps] = graph
-        return graph(noise, eps)
+        return graph(noise, eps, on_step=on_step, out=out)
 
     def close(self) -> None:
         if self._buffers:
