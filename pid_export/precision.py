@@ -30,6 +30,9 @@ def precision_dtype(precision: str) -> torch.dtype:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}") from None
 
 
+FLOAT32_RESIDUALS = False
+
+
 def float32_islands(net: PidNet, precision: str) -> list[nn.Module]:
     islands: list[nn.Module] = [net.t_embedder]
     if precision == "fp16":
@@ -37,10 +40,15 @@ def float32_islands(net: PidNet, precision: str) -> list[nn.Module]:
     return islands
 
 
-def apply_precision(net: PidNet, precision: str) -> PidNet:
-    """Cast `net` in place to `precision` with the float32 islands above; returns net."""
+def apply_precision(net: PidNet, precision: str, float32_residuals: bool | None = None) -> PidNet:
+    """Cast `net` in place to `precision` with the float32 islands above; returns net.
+
+    `float32_residuals` keeps the residual streams in float32 (None: FLOAT32_RESIDUALS).
+    """
     dtype = precision_dtype(precision)
     net.to(dtype)
+    keep = FLOAT32_RESIDUALS if float32_residuals is None else float32_residuals
+    net.residual_dtype = torch.float32 if keep and dtype != torch.float32 else None
     if dtype != torch.float32:
         for module in float32_islands(net, precision):
             module.to(torch.float32)
