@@ -143,6 +143,28 @@ def supported_size_range(backend: Backend) -> tuple[SizeRange | None, str]:
     return ((int(meta.min_size[0]), int(meta.min_size[1])), (int(meta.max_size[0]), int(meta.max_size[1]))), "export"
 
 
+def _check_requested_size(meta: ModelMetadata, height: int, width: int, latent_hw: tuple[int, int],
+                          patch: int) -> None:
+    lat_h, lat_w = latent_hw
+    if height <= 0 or width <= 0:
+        raise DecodeError(f"output size {height}x{width} must be positive")
+    for side, value in (("height", height), ("width", width)):
+        if value % patch:
+            raise DecodeError(f"output {side} {value} is not a multiple of {patch} (the patch size); "
+                              f"use {_multiples_near(value, patch)}")
+    native = (lat_h * meta.pixel_scale, lat_w * meta.pixel_scale)
+    if (height, width) != native and not meta.any_output_size:
+        raise DecodeError(f"this export decodes only at the latent's native size {native[0]}x{native[1]} "
+                          f"(it predates free output sizes); re-export it with pid-export to decode {height}x{width}")
+    low, high = aspect_ratio_range(lat_h, lat_w)
+    if not low <= height / width <= high:
+        high_text = f"{high:.3f}" if high != float("inf") else "any"
+        raise DecodeError(f"output size {height}x{width} (height/width {height / width:.3f}) is too far from "
+                          f"the shape of the {lat_h}x{lat_w} latent (height/width {lat_h / lat_w:.3f}; "
+                          f"allowed {low:.3f} to {high_text}, i.e. within {ASPECT_SLACK_CELLS} latent cells "
+                          f"per side): the image would be stretched; decode the native size and crop instead")
+
+
 def check_output_size(meta: ModelMetadata, height: int, width: int, latent_hw: tuple[int, int],
                       size_range: SizeRange | None = None, source: str = "export", requested: bool = False) -> None:
     """The output size against the patch size, the latent's shape, the export and its range.
@@ -151,30 +173,13 @@ def check_output_size(meta: ModelMetadata, height: int, width: int, latent_hw: t
     """
     patch = int(meta.network.get("patch_size", PATCH_SIZE))
     lat_h, lat_w = latent_hw
-    if not requested and (height % patch or width % patch):
+    if requested:
+        _check_requested_size(meta, height, width, latent_hw, patch)
+    elif height % patch or width % patch:
         raise DecodeError(f"output size {height}x{width} (latent {lat_h}x{lat_w} x {meta.pixel_scale} "
                           f"px per cell) is not a multiple of {patch}; ask for a size that is (pid-run --size HxW, "
                           f"e.g. {height // patch * patch or patch}x{width // patch * patch or patch}) "
                           f"or crop or pad the latent")
-    if requested:
-        if height <= 0 or width <= 0:
-            raise DecodeError(f"output size {height}x{width} must be positive")
-        for side, value in (("height", height), ("width", width)):
-            if value % patch:
-                raise DecodeError(f"output {side} {value} is not a multiple of {patch} (the patch size); "
-                                  f"use {_multiples_near(value, patch)}")
-        native = (lat_h * meta.pixel_scale, lat_w * meta.pixel_scale)
-        if (height, width) != native and not meta.any_output_size:
-            raise DecodeError(f"this export decodes only at the latent's native size {native[0]}x{native[1]} "
-                              f"(it predates free output sizes); re-export it with pid-export to decode "
-                              f"{height}x{width}")
-        low, high = aspect_ratio_range(lat_h, lat_w)
-        if not low <= height / width <= high:
-            high_text = f"{high:.3f}" if high != float("inf") else "any"
-            raise DecodeError(f"output size {height}x{width} (height/width {height / width:.3f}) is too far from "
-                              f"the shape of the {lat_h}x{lat_w} latent (height/width {lat_h / lat_w:.3f}; "
-                              f"allowed {low:.3f} to {high_text}, i.e. within {ASPECT_SLACK_CELLS} latent cells "
-                              f"per side): the image would be stretched; crop the decoded image instead")
     if size_range is None:
         return
     (min_h, min_w), (max_h, max_w) = size_range
