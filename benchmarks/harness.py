@@ -26,7 +26,7 @@ from pid_export.network import PidNet
 from pid_runtime.errors import first_line
 from pid_runtime.sampler import draw_noise, sample
 
-from .backends import BackendSkipped, BenchBackend, DecodeInputs, TorchEager, make_backend
+from .backends import BackendSkipped, BenchBackend, DecodeInputs, make_backend
 from .flops import decode_flops
 from .hardware import PeakMemory, StepClock, device_name, peak_tflops, synchronize
 from .report import accuracy, percentile
@@ -137,12 +137,16 @@ def time_backend(backend: BenchBackend, inputs: DecodeInputs, s: Settings, recor
 
 
 def reference_decode(net: PidNet, inputs: DecodeInputs, s: Settings) -> torch.Tensor:
-    """The float32 eager PyTorch decode (no autocast, no TF32) of the same inputs."""
+    """The float32 PyTorch decode (no autocast, no TF32) of the same inputs: the network called
+    directly by the sampler, independent of every benchmarked backend (torch-eager included)."""
     matmul_tf32, cudnn_tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     try:
-        velocity = TorchEager(net, s.device, "fp32").velocity_fn(inputs)
-        return _decode(velocity, inputs, s.steps, None).float().cpu()
+        def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            return net(x, t, inputs.caption, inputs.latents, inputs.sigma)
+
+        with torch.no_grad():
+            return _decode(velocity, inputs, s.steps, None).float().cpu()
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul_tf32, cudnn_tf32
 
@@ -242,10 +246,9 @@ def _fill_accuracy(net: PidNet, inputs: DecodeInputs, s: Settings, records: list
     if s.time_budget_s is not None and time.perf_counter() - began > s.time_budget_s:
         say("accuracy skipped: time budget used up")
         return
-    # An fp32 torch-eager record on this device already is the reference.
-    same = [r for r in todo if r["backend"] == "torch-eager" and r["precision"] == "fp32"]
+    # Decoded apart even when an fp32 torch-eager record exists, so that record is checked too.
     try:
-        reference = outputs[id(same[0])] if same else reference_decode(net, inputs, s)
+        reference = reference_decode(net, inputs, s)
     except Exception as exc:
         say(f"accuracy reference failed: {_first_line(exc)}")
         return

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import Any, Mapping
 
 # Keys the reference accepts that do not change the inference network.
@@ -123,9 +124,13 @@ class PidConfig:
         f = self.lq_latent_unpatchify_factor
         need(self.lq_latent_channels % (f * f) == 0,
              "lq_latent_channels must be divisible by lq_latent_unpatchify_factor**2")
-        scale = self.sr_scale * self.latent_spatial_down_factor
-        need(scale % (f * self.patch_size) == 0,
-             "sr_scale * latent_spatial_down_factor must be a multiple of patch_size * unpatchify factor")
+        need(self.latent_spatial_down_factor % f == 0,
+             "latent_spatial_down_factor must be divisible by lq_latent_unpatchify_factor")
+        # The reference also takes a fractional r > 1 (no release has one); here r is k or 1/k.
+        r = self.lq_align_ratio
+        need(r.denominator == 1 or r.numerator == 1,
+             f"sr_scale * latent_spatial_down_factor / (patch_size * unpatchify factor) = {r} must be a whole "
+             "number (nearest upsampling to the patch grid) or 1/k (k x k latent cells folded into channels)")
 
     # Derived sizes -------------------------------------------------------
     @property
@@ -134,10 +139,25 @@ class PidConfig:
         return len(range(0, self.patch_depth, self.lq_interval))
 
     @property
-    def lq_align_ratio(self) -> int:
-        """Nearest-upsampling factor from the (unpatchified) latent to the patch grid."""
+    def lq_align_ratio(self) -> Fraction:
+        """r: patch-grid cells per (unpatchified) latent cell at the native size (SPEC 3.1 step 2).
+
+        2, 4 or 8 in every release (nearest upsampling); 1: the latent is on the patch
+        grid; 1/k: k x k latent cells are folded into channels.
+        """
         f = self.lq_latent_unpatchify_factor
-        return self.sr_scale * self.latent_spatial_down_factor // (f * self.patch_size)
+        return Fraction(self.sr_scale * (self.latent_spatial_down_factor // f), self.patch_size)
+
+    @property
+    def lq_fold_factor(self) -> int:
+        """k when r = 1/k (latent finer than the patch grid), else 1."""
+        r = self.lq_align_ratio
+        return r.denominator if r < 1 else 1
+
+    @property
+    def lq_conv_in_channels(self) -> int:
+        """Channels entering the first LQ conv: after the unpatchify and any fold."""
+        return self.lq_latent_channels // self.lq_latent_unpatchify_factor**2 * self.lq_fold_factor**2
 
     @property
     def pixel_scale(self) -> int:

@@ -95,7 +95,10 @@ def _hw(value: Sequence[int]) -> HW:
 class EngineProfile:
     """The shape range one engine accepts.
 
-    Sizes are output pixels (H, W); the latent is H/pixel_scale x W/pixel_scale.
+    Sizes are output pixels (H, W), multiples of the patch size. The output size is
+    free of the latent's (the network aligns the latent), so the latent range is the
+    outputs' range in latent cells, rounded outward: floor(min / pixel_scale) to
+    ceil(max / pixel_scale).
     Caption length is fixed at the model's max (the caption encoder pads to it)
     unless `min_text_length` widens the range.
     """
@@ -111,6 +114,7 @@ class EngineProfile:
     max_batch: int = 1
     text_length: int = 300
     min_text_length: int | None = None
+    patch_size: int = 16
 
     @classmethod
     def for_config(cls, cfg: PidConfig, min_hw: HW, opt_hw: HW, max_hw: HW, *, max_batch: int = 1,
@@ -118,7 +122,7 @@ class EngineProfile:
         profile = cls(latent_channels=cfg.lq_latent_channels, pixel_scale=cfg.pixel_scale,
                       txt_dim=cfg.txt_embed_dim, min_hw=_hw(min_hw), opt_hw=_hw(opt_hw),
                       max_hw=_hw(max_hw), max_batch=max_batch, opt_batch=opt_batch,
-                      text_length=cfg.txt_max_length, min_text_length=min_text_length)
+                      text_length=cfg.txt_max_length, min_text_length=min_text_length, patch_size=cfg.patch_size)
         profile.validate()
         return profile
 
@@ -136,16 +140,17 @@ class EngineProfile:
         opt = opt_hw or (_hw(meta.trained_sizes[0]) if meta.trained_sizes else high)
         profile = cls(latent_channels=meta.latent_channels, pixel_scale=meta.pixel_scale,
                       txt_dim=meta.txt_embed_dim, min_hw=_hw(low), opt_hw=_hw(opt), max_hw=_hw(high),
-                      max_batch=max_batch, opt_batch=opt_batch, text_length=meta.txt_max_length)
+                      max_batch=max_batch, opt_batch=opt_batch, text_length=meta.txt_max_length,
+                      patch_size=int(meta.network.get("patch_size", 16)))
         profile.validate()
         return profile
 
     def validate(self) -> None:
         for label, (height, width) in (("min", self.min_hw), ("opt", self.opt_hw), ("max", self.max_hw)):
             for name, value in (("height", height), ("width", width)):
-                if value <= 0 or value % self.pixel_scale:
-                    raise EngineError(f"{label} {name} {value} is not a positive multiple of {self.pixel_scale} "
-                                      f"(output pixels per latent cell for this model)")
+                if value <= 0 or value % self.patch_size:
+                    raise EngineError(f"{label} {name} {value} is not a positive multiple of {self.patch_size} "
+                                      f"(the patch size)")
         for axis, name in ((0, "height"), (1, "width")):
             if not self.min_hw[axis] <= self.opt_hw[axis] <= self.max_hw[axis]:
                 raise EngineError(f"profile {name}s must satisfy min <= opt <= max, got "
@@ -166,21 +171,21 @@ class EngineProfile:
 
 def profile_shapes(profile: EngineProfile) -> dict[str, tuple[Shape, Shape, Shape]]:
     """Per network input: its (min, opt, max) shape under `profile`."""
-    def at(batch: int, hw: HW, text: int) -> dict[str, Shape]:
+    def at(batch: int, hw: HW, text: int, latent_cells: Callable[[int], int]) -> dict[str, Shape]:
         height, width = hw
-        scale = profile.pixel_scale
         return {
             "x": (batch, 3, height, width),
             "t": (batch,),
             "y": (batch, text, profile.txt_dim),
-            "lq_latent": (batch, profile.latent_channels, height // scale, width // scale),
+            "lq_latent": (batch, profile.latent_channels, latent_cells(height), latent_cells(width)),
             "degrade_sigma": (batch,),
         }
 
+    scale = profile.pixel_scale
     low_text = profile.text_length if profile.min_text_length is None else profile.min_text_length
-    low = at(profile.min_batch, profile.min_hw, low_text)
-    opt = at(profile.opt_batch, profile.opt_hw, profile.text_length)
-    high = at(profile.max_batch, profile.max_hw, profile.text_length)
+    low = at(profile.min_batch, profile.min_hw, low_text, lambda px: max(px // scale, 1))
+    opt = at(profile.opt_batch, profile.opt_hw, profile.text_length, lambda px: max(px // scale, 1))
+    high = at(profile.max_batch, profile.max_hw, profile.text_length, lambda px: -(-px // scale))
     return {name: (low[name], opt[name], high[name]) for name in INPUT_NAMES}
 
 

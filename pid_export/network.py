@@ -5,7 +5,9 @@ the pixel blocks, then `PidNet`. Module names match the released checkpoint keys
 
 Export rules followed throughout:
 - static control flow; every shape-dependent table (RoPE, pixel positions, NTK
-  factors) is computed from the input's runtime shape, never at trace time;
+  factors, the latent's resize to the patch grid) is computed from the input's
+  runtime shape, never at trace time; shortcuts for particular sizes are taken only
+  for concrete sizes (`static_sizes`), never inside a dynamic-shape graph;
 - patchify / unpatchify are reshapes and transposes (no unfold/fold);
 - mixed precision by parameter dtype: a layer casts its input to its own weight
   dtype, so casting a submodule's parameters to fp16/bf16 (see `precision.py`)
@@ -162,7 +164,9 @@ class CaptionEmbedder(nn.Module):
 
 
 # ---------------------------------------------------------------------------
-# LQ branch (SPEC 3.1, 3.2): latent -> per-injection features, and the gates
+# LQ branch (SPEC 3.1, 3.2): latent -> per-injection features, and the gates.
+# The output size is free (multiples of the patch size): the latent is aligned to
+# the patch grid of x, not x to the latent.
 
 
 class ResBlock(nn.Module):
@@ -177,17 +181,55 @@ class ResBlock(nn.Module):
         return x + self.block(x)
 
 
+def static_sizes(*sizes: int) -> bool:
+    """True when every size is a plain int: eager runs and static-shape exports.
+
+    A dynamic-shape export sees symbolic sizes (torch.SymInt). Branching on them
+    would make torch.export either specialise the graph to the traced case or
+    fail, so size-dependent shortcuts are taken only when this is True and the
+    general path (correct for every size) is what a dynamic graph holds.
+    """
+    return all(isinstance(size, int) for size in sizes)
+
+
+def nearest_source_index(size_in: int, size_out: int, device: torch.device) -> Tensor:
+    """Source row of each output row of F.interpolate(mode="nearest"), as torch computes it.
+
+    floor(dst * s) with s = float32(size_in / size_out) and the product in float32,
+    clamped to size_in - 1 (torch's nearest_neighbor_compute_source_index). This is
+    not always the exact floor(dst * size_in / size_out): size_in 2, size_out 82 maps
+    row 41 to 0, not 1, because s rounds down. The reference uses F.interpolate, so
+    this follows its float32 arithmetic.
+    """
+    scale = torch.full((), size_in, dtype=torch.float32, device=device) / size_out
+    source = torch.floor(index_range(size_out, device) * scale).to(torch.int64)
+    return source.clamp(max=size_in - 1)
+
+
+def resize_nearest(z: Tensor, height: int, width: int) -> Tensor:
+    """F.interpolate(z, (height, width), mode="nearest") as two Gathers (exact on every backend)."""
+    z = z.index_select(2, nearest_source_index(z.shape[2], height, z.device))
+    return z.index_select(3, nearest_source_index(z.shape[3], width, z.device))
+
+
+def resize_bilinear(z: Tensor, height: int, width: int) -> Tensor:
+    """Bilinear, align_corners=False (an ONNX Resize); skipped when the size is known to match."""
+    if static_sizes(*z.shape[2:], height, width) and tuple(z.shape[2:]) == (height, width):
+        return z
+    return F.interpolate(z, size=(height, width), mode="bilinear", align_corners=False)
+
+
 class LatentProjector(nn.Module):
-    """`lq_proj`: upsampled latent -> conv stack -> one token feature per injection."""
+    """`lq_proj`: latent aligned to the patch grid -> conv stack -> one token feature per injection."""
 
     def __init__(self, cfg: PidConfig):
         super().__init__()
         self.unpatchify = cfg.lq_latent_unpatchify_factor
         self.align_ratio = cfg.lq_align_ratio
-        c_in = cfg.lq_latent_channels // self.unpatchify**2
+        self.fold = cfg.lq_fold_factor
         hid, pad = cfg.lq_hidden_dim, cast(Any, cfg.lq_conv_padding_mode)  # "zeros" | "replicate"
         self.latent_proj = nn.Sequential(
-            Conv2d(c_in, hid, 3, padding=1, padding_mode=pad), nn.SiLU(),
+            Conv2d(cfg.lq_conv_in_channels, hid, 3, padding=1, padding_mode=pad), nn.SiLU(),
             Conv2d(hid, hid, 3, padding=1, padding_mode=pad),
             *[ResBlock(hid, pad) for _ in range(cfg.lq_num_res_blocks)],
         )
@@ -197,22 +239,34 @@ class LatentProjector(nn.Module):
             SigmaAwareGate(cfg.hidden_size, cfg.lq_gate_type) for _ in range(cfg.num_injections)
         )
 
-    def tokens(self, lq_latent: Tensor) -> Tensor:
-        """[B, C, h, w] latent -> [B, L, lq_hidden] tokens on the patch grid."""
+    def align(self, lq_latent: Tensor, gh: int, gw: int) -> Tensor:
+        """[B, C, h, w] latent -> [B, C', gh, gw] on the patch grid (SPEC 3.1 steps 1-2), any gh, gw."""
         z = lq_latent
         f = self.unpatchify
         if f > 1:  # channel c*f*f + i*f + j -> pixel (f*row + i, f*col + j)
             b, c, h, w = z.shape
             z = z.reshape(b, c // (f * f), f, f, h, w).permute(0, 1, 4, 2, 5, 3).reshape(b, c // (f * f), h * f, w * f)
         r = self.align_ratio
-        if r > 1:  # nearest-neighbour upsampling by r, as a broadcast
+        if r > 1:  # latent coarser than the patch grid: nearest upsampling
             b, c, h, w = z.shape
-            z = z[:, :, :, None, :, None].expand(b, c, h, r, w, r).reshape(b, c, h * r, w * r)
-        z = self.latent_proj(z)
+            k = int(r)
+            if static_sizes(h, w, gh, gw) and (gh, gw) == (h * k, w * k):  # native size: each cell repeated k x k
+                return z[:, :, :, None, :, None].expand(b, c, h, k, w, k).reshape(b, c, gh, gw)
+            return resize_nearest(z, gh, gw)
+        if r == 1:
+            return resize_bilinear(z, gh, gw)
+        k = self.fold  # latent finer than the patch grid: fold k x k cells into channels
+        z = resize_bilinear(z, gh * k, gw * k)
+        b, c = z.shape[:2]
+        return z.reshape(b, c, gh, k, gw, k).permute(0, 1, 3, 5, 2, 4).reshape(b, c * k * k, gh, gw)
+
+    def tokens(self, lq_latent: Tensor, gh: int, gw: int) -> Tensor:
+        """[B, C, h, w] latent -> [B, gh*gw, lq_hidden] tokens on the patch grid."""
+        z = self.latent_proj(self.align(lq_latent, gh, gw))
         return z.flatten(2).transpose(1, 2)
 
-    def forward(self, lq_latent: Tensor) -> tuple[list[Tensor], Tensor | None]:
-        tokens = self.tokens(lq_latent)
+    def forward(self, lq_latent: Tensor, gh: int, gw: int) -> tuple[list[Tensor], Tensor | None]:
+        tokens = self.tokens(lq_latent, gh, gw)
         features = [head(tokens) for head in self.output_heads]
         pit = self.pit_head(tokens) if self.pit_head is not None else None
         return features, pit
@@ -401,6 +455,9 @@ class PidNet(nn.Module):
         self.lq_proj = LatentProjector(cfg)
         # The reference builds the PiT gate with the same gate type as the patch-block gates.
         self.pit_lq_gate = SigmaAwareGate(hidden, cfg.lq_gate_type) if cfg.pit_lq_inject else None
+        # dtype of the residual streams (patch, text, pixel); None: the weights' dtype.
+        # float32 with 16-bit weights is the reference's autocast: 16-bit matmuls, float32 adds.
+        self.residual_dtype: torch.dtype | None = None
 
     @classmethod
     def from_config(cls, config: Any) -> "PidNet":
@@ -428,18 +485,20 @@ class PidNet(nn.Module):
         gh, gw = height // p, width // p
         device = x.device
 
-        lq_features, pit_feature = self.lq_proj(lq_latent)
+        lq_features, pit_feature = self.lq_proj(lq_latent, gh, gw)
 
         # Patch tokens: [B,3,H,W] -> [B, L, 3*P*P] with channel index c*P*P + ky*P + kx.
         patches = x.reshape(b, 3, gh, p, gw, p).permute(0, 2, 4, 1, 3, 5).reshape(b, gh * gw, 3 * p * p)
         s = self.s_embedder(patches)
+        stream = self.residual_dtype or s.dtype
+        s = s.to(stream)
         t_emb = self.t_embedder(t)[:, None, :]  # [B, 1, hidden]
         c = F.silu(t_emb)
 
         y = y[:, : cfg.txt_max_length]
         text_len = y.shape[1]
-        # The caption projection may run in fp32 (fp16 exports: Gemma outliers); the stream runs in s's dtype.
-        u = self.y_embedder(y).to(s.dtype) + self.y_pos_embedding[:, :text_len].to(s.dtype)
+        # The caption projection may run in fp32 (fp16 exports: Gemma outliers); the stream in `stream`.
+        u = self.y_embedder(y).to(stream) + self.y_pos_embedding[:, :text_len].to(stream)
 
         rope_img = self._rope(gh, gw, cfg.hidden_size // cfg.num_groups, device)
         rope_txt = None
@@ -459,8 +518,8 @@ class PidNet(nn.Module):
 
         # Pixel tokens: per-pixel embedding + fixed positions, cut into patches [B*L, P*P, dim].
         dim = cfg.pixel_hidden_size
-        pix = self.pixel_embedder(x.permute(0, 2, 3, 1))
-        pix = pix + pixel_position_table(height, width, dim, device).to(pix.dtype)
+        pix = self.pixel_embedder(x.permute(0, 2, 3, 1)).to(stream)
+        pix = pix + pixel_position_table(height, width, dim, device).to(stream)
         pix = pix.reshape(b, gh, p, gw, p, dim).permute(0, 1, 3, 2, 4, 5).reshape(b * gh * gw, p * p, dim)
 
         cond = s.reshape(b * gh * gw, cfg.hidden_size)

@@ -1,8 +1,10 @@
 """PidNet -> ONNX with dynamic batch / output size / text length.
 
 The graph: inputs x[B,3,H,W], t[B], y[B,Lt,D], lq_latent[B,C,h,w], degrade_sigma[B]
-(float32), output velocity[B,3,H,W] (float32), H = h * pixel_scale and
-W = w * pixel_scale, Lt in 1..txt_max_length. Exported with torch's dynamo
+(float32), output velocity[B,3,H,W] (float32), Lt in 1..txt_max_length. The output
+size H, W (multiples of the patch size) and the latent's h, w are independent
+dynamic dims: the network aligns the latent to the patch grid itself (native size
+H = h * pixel_scale, or any other). Exported with torch's dynamo
 exporter at opset 23 so each attention is one `Attention` op (TensorRT's fused
 IAttention). The export is written into a staging directory beside `out_dir`
 and renamed into place only when complete, so a failed run leaves nothing.
@@ -29,8 +31,12 @@ from .precision import apply_precision
 OPSET = 23
 TRACE_BATCH = 2  # batch 1 (like any size-1 dim) would be specialised by torch.export
 TRACE_LATENT = (2, 3)  # latent h, w of the trace inputs: small, non-square, not 0/1
+# Patch grid of the trace image: not the latent's native grid (nor a multiple of it), so
+# the traced graph cannot have taken a native-size shortcut or tied H, W to h, w.
+TRACE_GRID = (5, 7)
 MAX_BATCH = 64
 MAX_LATENT = 1024
+MAX_GRID = 1024  # patches per side (16384 px)
 
 Progress = Callable[[str], None]
 
@@ -53,15 +59,17 @@ class ExportResult:
 
 
 def trace_inputs(net: PidNet, batch: int = TRACE_BATCH, latent_hw: tuple[int, int] = TRACE_LATENT,
-                 text_len: int | None = None, seed: int = 0) -> tuple[torch.Tensor, ...]:
-    """Random float32 inputs of a consistent shape (only the shapes matter for tracing)."""
+                 size: tuple[int, int] | None = None, text_len: int | None = None,
+                 seed: int = 0) -> tuple[torch.Tensor, ...]:
+    """Random float32 inputs (only the shapes matter for tracing); `size` = output (H, W),
+    default the TRACE_GRID patch grid."""
     cfg = net.cfg
     h, w = latent_hw
-    scale = cfg.pixel_scale
+    height, width = size or (TRACE_GRID[0] * cfg.patch_size, TRACE_GRID[1] * cfg.patch_size)
     text_len = text_len or min(cfg.txt_max_length, 8)
     gen = torch.Generator().manual_seed(seed)
     return (
-        torch.randn(batch, 3, h * scale, w * scale, generator=gen),
+        torch.randn(batch, 3, height, width, generator=gen),
         torch.rand(batch, generator=gen) * 1000,
         torch.randn(batch, text_len, cfg.txt_embed_dim, generator=gen),
         torch.randn(batch, cfg.lq_latent_channels, h, w, generator=gen),
@@ -74,10 +82,13 @@ def dynamic_shapes(net: PidNet) -> dict[str, dict[int, Any]]:
     batch = Dim("batch", min=1, max=MAX_BATCH)
     lat_h = Dim("latent_h", min=1, max=MAX_LATENT)
     lat_w = Dim("latent_w", min=1, max=MAX_LATENT)
+    # The output size is its own pair of dims, not a function of the latent's.
+    grid_h = Dim("patches_h", min=1, max=MAX_GRID)
+    grid_w = Dim("patches_w", min=1, max=MAX_GRID)
     text = Dim("text_len", min=1, max=net.cfg.txt_max_length)
-    scale = net.cfg.pixel_scale
+    patch = net.cfg.patch_size
     return {
-        "x": {0: batch, 2: lat_h * scale, 3: lat_w * scale},
+        "x": {0: batch, 2: grid_h * patch, 3: grid_w * patch},
         "t": {0: batch},
         "y": {0: batch, 1: text},
         "lq_latent": {0: batch, 2: lat_h, 3: lat_w},
@@ -128,26 +139,27 @@ def _quiet_export(net: PidNet, args: tuple, path: Path, shapes, opset: int):
 def export_onnx(net: PidNet, out_dir: str | Path, precision: str = "fp32", *, release: Any = None,
                 checkpoint_sha256: str | None = None, static_shape: tuple[int, int, int] | None = None,
                 opset: int = OPSET, progress: Progress | None = None,
-                require_lint_clean: bool = False) -> ExportResult:
+                require_lint_clean: bool = False, float32_residuals: bool | None = None) -> ExportResult:
     """Export `net` (cast in place to `precision`) into `out_dir`.
 
     static_shape=(batch, H, W) exports fixed shapes (faster to export; for
     benchmarks and tests); otherwise batch, H, W and text length are dynamic.
     `release` (a registry entry, optional) supplies the name and trained sizes.
     `require_lint_clean` fails the export (nothing written) on TensorRT lint problems.
+    `float32_residuals` overrides the precision policy's residual-stream dtype (precision.py).
     """
     say = progress or (lambda msg: None)
     out_dir = Path(out_dir)
     cfg = net.cfg
     start = time.perf_counter()
-    net = apply_precision(net.eval(), precision)
+    net = apply_precision(net.eval(), precision, float32_residuals)
 
     if static_shape is not None:
         batch, height, width = static_shape
         scale = cfg.pixel_scale
         if height % scale or width % scale:
             raise ExportError(f"static size {height}x{width} is not a multiple of the pixel scale {scale}")
-        args = trace_inputs(net, batch=batch, latent_hw=(height // scale, width // scale))
+        args = trace_inputs(net, batch=batch, latent_hw=(height // scale, width // scale), size=(height, width))
         shapes = None
     else:
         args, shapes = trace_inputs(net), dynamic_shapes(net)
@@ -210,6 +222,7 @@ def _metadata(net: PidNet, release: Any, precision: str, opset: int, checkpoint_
         trained_sizes=trained,
         min_size=min_size,
         max_size=max_size,
+        any_output_size=static_shape is None,
         opset=opset,
         network=cfg.to_dict(),
         checkpoint_sha256=checkpoint_sha256,

@@ -106,10 +106,10 @@ ALIASES = {
 # ---------------------------------------------------------------------------
 # Trained output sizes.
 #
-# `2k`: the five 2048-class aspect ratios of SPEC sec. 2. A size is reachable only
-# when it is a whole number of latent cells, i.e. a multiple of the release's pixel
-# scale (latent down factor x SR factor). SigLIP (16 x 8 = 128 px per latent cell)
-# therefore cannot produce 1728-px sides (13.5 cells): those buckets are dropped.
+# `2k`: the five 2048-class aspect ratios of SPEC sec. 2. The network takes any size
+# that is a multiple of the patch size (it aligns the latent to the patch grid), so
+# every bucket is reachable, including SigLIP's 1728-px sides (13.5 of its 128-px
+# latent cells), which the reference trained on the same way.
 #
 # `2kto4k`: the 2K buckets plus 4K-class buckets. The exact training bucket list is
 # not published; these are representative sizes spanning what SPEC sec. 2 states
@@ -199,9 +199,8 @@ def _release(backbone: str, variant: str, name: str) -> Release:
     if variant == VARIANT_2KTO4K_V15:
         network.update(_V15_OVERRIDES, lq_latent_unpatchify_factor=bb.v15_unpatchify)
     cfg = PidConfig.from_dict(network)
-    sizes = tuple(s for s in _VARIANT_SIZES[variant] if s[0] % cfg.pixel_scale == 0 and s[1] % cfg.pixel_scale == 0)
     return Release(name=name, backbone=backbone, variant=variant, network=cfg,
-                   trained_sizes=sizes, opt_size=_VARIANT_OPT_SIZE[variant])
+                   trained_sizes=_VARIANT_SIZES[variant], opt_size=_VARIANT_OPT_SIZE[variant])
 
 
 # Every released checkpoint (SPEC sec. 2 table). Names are the hub directory names.

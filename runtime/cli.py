@@ -7,6 +7,7 @@ exit status 1 (2 for command-line usage), and no output file.
 from __future__ import annotations
 
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -15,7 +16,7 @@ import click
 import torch
 
 from .backends import BackendError, open_backend, preflight
-from .decode import DecodeError, decode, format_timings, profile_batch_range
+from .decode import DecodeError, decode, format_timings, output_size, profile_batch_range
 from .io import InputError, check_output_path, load_caption, load_latents, load_noise, output_paths, write_output
 from .latents import BACKBONE_NAMES, LatentError, pipeline_latents_for_cli
 from .metadata import EMPTY_CAPTION_NAME, MetadataError
@@ -44,6 +45,16 @@ def default_output(latents: Path, batch: int) -> Path:
     return candidate
 
 
+def parse_size(text: str | None) -> tuple[int, int] | None:
+    """`2160x3840` (height x width, pixels) -> (2160, 3840); None stays None."""
+    if text is None:
+        return None
+    match = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", text)
+    if match is None or int(match.group(1)) == 0 or int(match.group(2)) == 0:
+        raise click.BadParameter(f"{text!r} is not HEIGHTxWIDTH in pixels, e.g. 2160x3840", param_hint="'--size'")
+    return int(match.group(1)), int(match.group(2))
+
+
 def caption_for(model_file: Path, batch: int, prompts: Sequence[str], device: torch.device, say) -> torch.Tensor:
     """Caption embeddings when no --caption-embeds file was given: prompts, else the export's empty caption."""
     from .caption import CaptionError, resolve_caption
@@ -64,7 +75,8 @@ MODEL    a TensorRT engine (.plan/.engine), an ONNX model (.onnx; ONNX Runtime,
 LATENTS  .npy, .npz or .safetensors, [B,C,h,w] or [C,h,w], float16/float32: the
          LDM's normalised latent (diffusers output_type="latent", unpacked; with
          --pipeline BACKBONE as the pipeline returned it, packed or not).
-         The output is (h x s) by (w x s) pixels, s = latent down factor x SR factor.
+         The output is (h x s) by (w x s) pixels, s = latent down factor x SR factor,
+         unless --size asks for another size.
 
 \b
 Output: by default LATENTS' name with .png, beside it (latents.npy -> latents.png);
@@ -111,6 +123,9 @@ of unexpected errors.
 @click.option("--sigma", default="0", show_default=True, metavar="S|S1,S2,..",
               help="degrade_sigma of the latents in [0,1]: 0 for a final clean latent; one value or one per item.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the sampler noise.")
+@click.option("--size", "size_text", metavar="HxW",
+              help="Output size in pixels, height x width (e.g. 2160x3840): multiples of 16, with the latent's "
+                   "aspect ratio to within 2 latent cells per side. Default: the latent's native size.")
 @click.option("--steps", type=click.IntRange(1, MAX_STEPS), default=MAX_STEPS, show_default=True,
               help="Network calls (1..4; fewer = faster, rougher).")
 @click.option("--noise", "noise_file", metavar="FILE",
@@ -133,7 +148,8 @@ of unexpected errors.
               help="With --pipeline flux2*: the FLUX.2 VAE's batch-norm statistics for raw 32-channel latents "
                    "(.safetensors with running_mean/running_var, e.g. the VAE's diffusion_pytorch_model.safetensors).")
 def run_command(model: str, latents: str, out: str | None, caption_embeds: str | None, prompts: tuple[str, ...],
-                sigma: str, seed: int, steps: int, noise_file: str | None, batch_size: int | None, bit_depth: str,
+                sigma: str, seed: int, size_text: str | None, steps: int, noise_file: str | None,
+                batch_size: int | None, bit_depth: str,
                 device: str, cuda_graph: bool, pipeline: str | None, ldm_size: str | None,
                 vae_bn_stats: str | None) -> None:
     def say(message: str) -> None:
@@ -142,6 +158,7 @@ def run_command(model: str, latents: str, out: str | None, caption_embeds: str |
     if caption_embeds and prompts:
         raise InputError("give either --caption-embeds or --prompt, not both")
     sigmas = parse_sigma(sigma)
+    size = parse_size(size_text)
     # Cheap checks first, so a typo costs no model load.
     out_path = check_output_path(out, int(bit_depth)) if out is not None else None
     model_file = preflight(model)
@@ -166,9 +183,12 @@ def run_command(model: str, latents: str, out: str | None, caption_embeds: str |
             f"{meta.release or 'custom network'}, {meta.precision})")
         if caption is None:
             caption = caption_for(model_file, lq.shape[0], prompts, backend.device, say)
-        height, width = lq.shape[-2] * meta.pixel_scale, lq.shape[-1] * meta.pixel_scale
+        height, width = output_size(meta, lq, size)
+        native = output_size(meta, lq)
+        resized = ("" if (height, width) == native
+                   else f" (latent {lq.shape[-2]}x{lq.shape[-1]}, native {native[0]}x{native[1]})")
         source = f"noise from {noise_file}" if noise is not None else f"seed {seed}"
-        say(f"decoding {lq.shape[0]} x {height}x{width} px, {steps} step(s), {source}")
+        say(f"decoding {lq.shape[0]} x {height}x{width} px{resized}, {steps} step(s), {source}")
         ts = timesteps(steps)
 
         profile = profile_batch_range(backend)  # an engine decodes at most its profile's max batch at a time
@@ -179,7 +199,7 @@ def run_command(model: str, latents: str, out: str | None, caption_embeds: str |
             say(f"  {prefix}step {step + 1}/{steps} (t={ts[step]:g}): {seconds * 1e3:.1f} ms")
 
         result = decode(backend, lq, caption, sigmas, seed=seed, steps=steps, noise=noise,
-                        batch_size=batch_size, on_step=on_step)
+                        batch_size=batch_size, on_step=on_step, size=size)
     finally:
         backend.close()
     say(format_timings(result.timings))

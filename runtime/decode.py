@@ -90,8 +90,35 @@ def _need_finite(tensor: Tensor, what: str) -> None:
         raise DecodeError(f"{what} contain NaN or Inf values")
 
 
-def output_size(meta: ModelMetadata, latents: Tensor) -> tuple[int, int]:
+def native_size(meta: ModelMetadata, latents: Tensor) -> tuple[int, int]:
+    """The latent's own output size: h * pixel_scale x w * pixel_scale."""
     return latents.shape[-2] * meta.pixel_scale, latents.shape[-1] * meta.pixel_scale
+
+
+def output_size(meta: ModelMetadata, latents: Tensor, size: tuple[int, int] | None = None) -> tuple[int, int]:
+    """The requested (height, width), else the latent's native size."""
+    return native_size(meta, latents) if size is None else (int(size[0]), int(size[1]))
+
+
+# How far the output's aspect ratio may be from the latent's, in latent cells per side.
+# Diffusers' SD3/Flux pipelines round each image side down to a multiple of 16 px, i.e.
+# 2 cells of an /8 latent (Flux2 and the RAEs: 1 cell of /16), so a latent is up to 2
+# cells short of the picture it stands for: 3840x2160 (16:9) is 960x540 px at the LDM
+# scale, which becomes a 120x68 latent (native 3840x2176). Within 2 cells the output is
+# that picture at its true shape; beyond, the decode stretches the image.
+ASPECT_SLACK_CELLS = 2
+
+
+def aspect_ratio_range(lat_h: int, lat_w: int, slack: int = ASPECT_SLACK_CELLS) -> tuple[float, float]:
+    """(lowest, highest) output height / width for an lat_h x lat_w latent."""
+    low = max(lat_h - slack, 0) / (lat_w + slack)
+    high = (lat_h + slack) / (lat_w - slack) if lat_w > slack else float("inf")
+    return low, high
+
+
+def _multiples_near(value: int, step: int) -> str:
+    below = value // step * step
+    return " or ".join(str(v) for v in (below, below + step) if v > 0)
 
 
 def release_variant(meta: ModelMetadata) -> str | None:
@@ -123,12 +150,43 @@ def supported_size_range(backend: Backend) -> tuple[SizeRange | None, str]:
     return ((int(meta.min_size[0]), int(meta.min_size[1])), (int(meta.max_size[0]), int(meta.max_size[1]))), "export"
 
 
+def _check_requested_size(meta: ModelMetadata, height: int, width: int, latent_hw: tuple[int, int],
+                          patch: int) -> None:
+    lat_h, lat_w = latent_hw
+    if height <= 0 or width <= 0:
+        raise DecodeError(f"output size {height}x{width} must be positive")
+    for side, value in (("height", height), ("width", width)):
+        if value % patch:
+            raise DecodeError(f"output {side} {value} is not a multiple of {patch} (the patch size); "
+                              f"use {_multiples_near(value, patch)}")
+    native = (lat_h * meta.pixel_scale, lat_w * meta.pixel_scale)
+    if (height, width) != native and not meta.any_output_size:
+        raise DecodeError(f"this export decodes only at the latent's native size {native[0]}x{native[1]} "
+                          f"(it predates free output sizes); re-export it with pid-export to decode {height}x{width}")
+    low, high = aspect_ratio_range(lat_h, lat_w)
+    if not low <= height / width <= high:
+        high_text = f"{high:.3f}" if high != float("inf") else "any"
+        raise DecodeError(f"output size {height}x{width} (height/width {height / width:.3f}) is too far from "
+                          f"the shape of the {lat_h}x{lat_w} latent (height/width {lat_h / lat_w:.3f}; "
+                          f"allowed {low:.3f} to {high_text}, i.e. within {ASPECT_SLACK_CELLS} latent cells "
+                          f"per side): the image would be stretched; decode the native size and crop instead")
+
+
 def check_output_size(meta: ModelMetadata, height: int, width: int, latent_hw: tuple[int, int],
-                      size_range: SizeRange | None = None, source: str = "export") -> None:
+                      size_range: SizeRange | None = None, source: str = "export", requested: bool = False) -> None:
+    """The output size against the patch size, the latent's shape, the export and its range.
+
+    `requested`: the size was asked for (pid-run --size) rather than the latent's native size.
+    """
     patch = int(meta.network.get("patch_size", PATCH_SIZE))
-    if height % patch or width % patch:
-        raise DecodeError(f"output size {height}x{width} (latent {latent_hw[0]}x{latent_hw[1]} x {meta.pixel_scale} "
-                          f"px per cell) is not a multiple of {patch}; crop or pad the latent")
+    lat_h, lat_w = latent_hw
+    if requested:
+        _check_requested_size(meta, height, width, latent_hw, patch)
+    elif height % patch or width % patch:
+        raise DecodeError(f"output size {height}x{width} (latent {lat_h}x{lat_w} x {meta.pixel_scale} "
+                          f"px per cell) is not a multiple of {patch}; ask for a size that is (pid-run --size HxW, "
+                          f"e.g. {height // patch * patch or patch}x{width // patch * patch or patch}) "
+                          f"or crop or pad the latent")
     if size_range is None:
         return
     (min_h, min_w), (max_h, max_w) = size_range
@@ -160,8 +218,12 @@ def _batched(values: Tensor, batch: int, what: str, latents_batch_text: str) -> 
 
 def check_inputs(meta: ModelMetadata, latents: Tensor, caption: Tensor, sigma: float | Sequence[float] | Tensor,
                  steps: int = MAX_STEPS, noise: Tensor | None = None, eps: Tensor | None = None,
-                 size_range: SizeRange | None = None, range_source: str = "export") -> DecodeInputs:
-    """Validate everything against the model and each other; raise DecodeError with the fix."""
+                 size_range: SizeRange | None = None, range_source: str = "export",
+                 size: tuple[int, int] | None = None) -> DecodeInputs:
+    """Validate everything against the model and each other; raise DecodeError with the fix.
+
+    `size` = output (height, width); default the latent's native size.
+    """
     if not 1 <= steps <= MAX_STEPS:
         raise DecodeError(f"steps must be between 1 and {MAX_STEPS}, got {steps}")
     if latents.ndim != 4:
@@ -172,8 +234,8 @@ def check_inputs(meta: ModelMetadata, latents: Tensor, caption: Tensor, sigma: f
         raise DecodeError(f"latents have {channels} channels but {model} takes {meta.latent_channels}-channel latents "
                           "(was the latent made by a different LDM?)")
     _need_finite(latents, "latents")
-    height, width = output_size(meta, latents)
-    check_output_size(meta, height, width, (lat_h, lat_w), size_range, range_source)
+    height, width = output_size(meta, latents, size)
+    check_output_size(meta, height, width, (lat_h, lat_w), size_range, range_source, requested=size is not None)
     items = f"latents have {batch} item{'s' if batch != 1 else ''}"
 
     if caption.ndim != 3:
@@ -284,8 +346,11 @@ class _TimedNoise(Noise):
 def decode(backend: Backend, latents: Tensor, caption: Tensor, sigma: float | Sequence[float] | Tensor = 0.0,
            seed: int | None = 0, steps: int = MAX_STEPS, noise: tuple[Tensor, Tensor] | None = None,
            batch_size: int | None = None,
-           on_step: Callable[[int, int, float, float], None] | None = None) -> DecodeResult:
+           on_step: Callable[[int, int, float, float], None] | None = None,
+           size: tuple[int, int] | None = None) -> DecodeResult:
     """Decode `latents` [B,C,h,w] to images float32 [B,3,H,W] in [-1,1] (on the CPU).
+
+    `size` = (H, W), multiples of 16 near the latent's aspect ratio; default its native size.
 
     `noise` = (noise [B,3,H,W], eps [S-1,B,3,H,W]) replaces the seeded draw.
     `batch_size` decodes at most that many items at a time (an engine's profile caps it too).
@@ -294,7 +359,7 @@ def decode(backend: Backend, latents: Tensor, caption: Tensor, sigma: float | Se
     fixed_noise, fixed_eps = noise if noise is not None else (None, None)
     size_range, range_source = supported_size_range(backend)
     inputs = check_inputs(backend.meta, latents, caption, sigma, steps, fixed_noise, fixed_eps,
-                          size_range, range_source)
+                          size_range, range_source, size)
     bounds = chunk_bounds(inputs.batch, batch_size, backend.meta, profile_batch_range(backend))
     device = backend.device
     timings = DecodeTimings()
@@ -365,4 +430,4 @@ def format_timings(timings: DecodeTimings) -> str:
 
 
 __all__ = ["DecodeError", "DecodeInputs", "DecodeResult", "DecodeTimings", "check_inputs", "decode",
-           "format_timings", "output_size", "profile_batch_range", "supported_size_range"]
+           "format_timings", "native_size", "output_size", "profile_batch_range", "supported_size_range"]

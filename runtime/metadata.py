@@ -43,6 +43,9 @@ class ModelMetadata:
     trained_sizes: list[list[int]] = field(default_factory=list)
     min_size: list[int] | None = None  # [H, W]
     max_size: list[int] | None = None
+    # True: the graph decodes any output size (multiples of the patch size), not only the
+    # latent's native one. Exports made before output sizes were free lack it (False).
+    any_output_size: bool = False
     opset: int | None = None
     network: dict[str, Any] = field(default_factory=dict)
     checkpoint_sha256: str | None = None

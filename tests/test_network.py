@@ -72,3 +72,24 @@ def test_config_accepts_training_only_keys_and_rejects_unknown():
         PidConfig.from_dict({**network, "hiden_size": 3})
     with pytest.raises(ConfigError, match="lq_gate_type"):
         PidConfig.from_dict({**network, "lq_gate_type": "always_on"})
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_reduced_precision_keeps_float32_residual_streams(precision):
+    """The policy's float32 residual streams are closer to the fp32 network than 16-bit ones
+    (PyTorch on the CPU, caption outliers ~1e3; full-size numbers in pid_export/precision.py)."""
+    from pid_export.precision import apply_precision
+
+    case = "tiny_v1pt5_128ch_unpatchify2"
+    reference, g = golden_net(case), golden_tensors(case)
+    y = g["y"].clone()
+    y[..., :3] *= 1000.0
+    inputs = (g["x"], g["t"], y, g["lq_latent"], g["degrade_sigma"])
+    default = apply_precision(golden_net(case), precision)
+    sixteen = apply_precision(golden_net(case), precision, float32_residuals=False)
+    assert default.residual_dtype == torch.float32 and sixteen.residual_dtype is None
+    assert apply_precision(golden_net(case), "fp32").residual_dtype is None
+    with torch.no_grad():
+        want = reference(*inputs)
+        err_default, err_sixteen = rel_err(default(*inputs), want), rel_err(sixteen(*inputs), want)
+    assert err_default < 0.9 * err_sixteen, (err_default, err_sixteen)

@@ -21,21 +21,24 @@ def run_onnx(session: ort.InferenceSession, inputs: tuple[torch.Tensor, ...]) ->
     return session.run(None, {name: t.numpy() for name, t in zip(INPUT_NAMES, inputs)})[0]
 
 
-def shapes_unlike_trace(cfg, golden_shape) -> list[tuple[int, int, int, int]]:
-    """(batch, latent_h, latent_w, text_len): two shapes that differ from the golden and trace shapes
-    in batch, height, width and aspect ratio."""
+def shapes_unlike_trace(cfg, golden_shape) -> list[tuple[int, int, int, int, tuple[int, int] | None]]:
+    """(batch, latent_h, latent_w, text_len, output size or None for the native one): shapes that
+    differ from the golden and trace shapes in batch, height, width and aspect ratio, the last
+    two at output sizes other than the latent's native size (not multiples of it either)."""
     batch, h, w = golden_shape
-    return [(batch + 2, w + 1, h, max(1, cfg.txt_max_length - 3)),  # tall where golden is wide
-            (1 if batch > 1 else 3, h + 2, w + 3, cfg.txt_max_length)]
+    return [(batch + 2, w + 1, h, max(1, cfg.txt_max_length - 3), None),  # tall where golden is wide
+            (1 if batch > 1 else 3, h + 2, w + 3, cfg.txt_max_length, None),
+            (2, 1, 5, 2, (48, 160)),  # the issue's example for an /8 x4 latent
+            (1, h + 1, w, 4, (16 * (2 * h + 1), 16 * max(w - 1, 1)))]
 
 
-def random_inputs(cfg, batch, lat_h, lat_w, text_len, seed=0, caption_outliers=False):
+def random_inputs(cfg, batch, lat_h, lat_w, text_len, seed=0, caption_outliers=False, size=None):
     gen = torch.Generator().manual_seed(seed)
-    scale = cfg.pixel_scale
+    height, width = size or (lat_h * cfg.pixel_scale, lat_w * cfg.pixel_scale)
     y = torch.randn(batch, text_len, cfg.txt_embed_dim, generator=gen)
     if caption_outliers:  # Gemma-2 hidden states: a few channels of magnitude ~1e3
         y[..., :3] *= 1000.0
-    return (torch.randn(batch, 3, lat_h * scale, lat_w * scale, generator=gen),
+    return (torch.randn(batch, 3, height, width, generator=gen),
             torch.rand(batch, generator=gen) * 1000,
             y,
             torch.randn(batch, cfg.lq_latent_channels, lat_h, lat_w, generator=gen),
@@ -51,13 +54,13 @@ def test_fp32_export_matches_golden_and_pytorch_at_other_shapes(case, golden_exp
 
     net = golden_net(case)
     batch, _, lat_h, lat_w = g["lq_latent"].shape
-    for shape in shapes_unlike_trace(net.cfg, (batch, lat_h, lat_w)):
-        inputs = random_inputs(net.cfg, *shape, seed=sum(shape))
+    for *shape, size in shapes_unlike_trace(net.cfg, (batch, lat_h, lat_w)):
+        inputs = random_inputs(net.cfg, *shape, seed=sum(shape), size=size)
         with torch.no_grad():
             want = net(*inputs)
         got = run_onnx(session, inputs)
         assert got.shape == tuple(want.shape)
-        assert rel_err(got, want) < ONNX_TOL, f"shape {shape}"
+        assert rel_err(got, want) < ONNX_TOL, f"shape {shape}, size {size}"
 
 
 @pytest.mark.parametrize("case", GOLDEN_CASES)
@@ -74,6 +77,10 @@ def test_export_interface_metadata_and_lint(case, golden_exports):  # noqa: F811
         assert value.type.tensor_type.elem_type == onnx.TensorProto.FLOAT, value.name
     dims = {v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim] for v in model.graph.input}
     assert isinstance(dims["x"][0], str) and isinstance(dims["x"][2], str) and isinstance(dims["x"][3], str)
+    # The output size is free: x's H, W are their own symbols, not expressions of the latent's h, w.
+    latent_dims = dims["lq_latent"][2:]
+    assert all(isinstance(d, str) for d in latent_dims)
+    assert not any(lat in side for lat in latent_dims for side in dims["x"][2:]), dims
     assert isinstance(dims["y"][1], str), "text length must be dynamic"
     assert dims["lq_latent"][1] == cfg.lq_latent_channels
 
@@ -86,6 +93,7 @@ def test_export_interface_metadata_and_lint(case, golden_exports):  # noqa: F811
     assert meta.latent_channels == cfg.lq_latent_channels
     assert meta.pixel_scale == cfg.pixel_scale
     assert meta.precision == "fp32" and meta.opset == 23
+    assert meta.any_output_size
     assert meta.network == cfg.to_dict()
 
 

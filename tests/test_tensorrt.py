@@ -110,10 +110,13 @@ def test_profile_batch_and_caption_range():
                                                        "max": [4, 16, 64, 64]}
 
 
-def test_profile_rejects_sizes_off_the_latent_grid():
+def test_profile_rejects_sizes_off_the_patch_grid():
     cfg = release_config("PiD_res2k_sr8x_official_siglip_distill_4step")  # 128 px per latent cell
-    with pytest.raises(EngineError, match=r"min width 1728 is not a positive multiple of 128"):
-        EngineProfile.for_config(cfg, (2304, 1728), (2048, 2048), (2688, 2688))
+    with pytest.raises(EngineError, match=r"min width 1720 is not a positive multiple of 16"):
+        EngineProfile.for_config(cfg, (2304, 1720), (2048, 2048), (2688, 2688))
+    # 1728 px (a trained size) is 13.5 latent cells: any output size is free now, the latent range rounds outward
+    profile = EngineProfile.for_config(cfg, (2304, 1728), (2304, 1728), (2688, 2688))
+    assert [shape[2:] for shape in profile_shapes(profile)["lq_latent"]] == [(18, 13), (18, 13), (21, 21)]
 
 
 def test_profile_rejects_unordered_ranges():
