@@ -102,10 +102,13 @@ of unexpected errors.
               help="Bits per channel of .png output.")
 @click.option("--device", default="auto", show_default=True, metavar="auto|cpu|cuda|cuda:N",
               help="Where the decode runs (auto: CUDA when available).")
-@click.option("--cuda-graph", is_flag=True, help="TensorRT only: capture the whole step loop as one CUDA graph.")
+@click.option("--cuda-graph", is_flag=True, help="TensorRT only: capture the whole step loop as one CUDA graph "
+                                                 "(TensorRT-RTX: its own capture of each engine launch).")
+@click.option("--trt", type=click.Choice(["auto", "tensorrt", "rtx"]), default=None,
+              help="TensorRT library for an engine (default: $PID_TRT, else the one that built it).")
 def run_command(model: str, latents: str, out: str, caption_embeds: str | None, prompts: tuple[str, ...],
                 sigma: str, seed: int, steps: int, noise_file: str | None, batch_size: int | None, bit_depth: str,
-                device: str, cuda_graph: bool) -> None:
+                device: str, cuda_graph: bool, trt: str | None) -> None:
     def say(message: str) -> None:
         click.echo(message)
 
@@ -114,12 +117,12 @@ def run_command(model: str, latents: str, out: str, caption_embeds: str | None, 
     sigmas = parse_sigma(sigma)
     # Cheap checks first, so a typo costs no model load.
     out_path = check_output_path(out, int(bit_depth))
-    model_file = preflight(model)
+    model_file = preflight(model, trt, note=say)
     lq = load_latents(latents)
     caption = load_caption(caption_embeds) if caption_embeds else None
     noise = load_noise(noise_file) if noise_file else None
 
-    backend = open_backend(model_file, device=device, cuda_graph=cuda_graph)
+    backend = open_backend(model_file, device=device, cuda_graph=cuda_graph, trt=trt, log=say)
     try:
         meta = backend.meta
         say(f"model {model_file} ({backend.name} on {backend.device}; "
