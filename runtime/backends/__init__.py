@@ -90,20 +90,20 @@ def preflight(path: str | os.PathLike[str], trt: str | None = None,
               note: Callable[[str], None] | None = None) -> Path:
     """Cheap checks before any input is read: the model file, and a TensorRT library for an engine.
 
-    An engine's blockers (not a plan at all, no library that can load it) are reported
-    first, so `pid-run some.plan ...` on a machine without TensorRT says so straight away.
+    An engine's blockers (not a plan at all, no library that can load it, no GPU it runs on)
+    are reported first, so `pid-run some.plan ...` on a machine without TensorRT says so
+    straight away.
     """
     model_path = resolve_model_path(path, trt, note)
     if model_path.suffix.lower() in TENSORRT_SUFFIXES:
-        from .tensorrt import load_engine_metadata, probe_plan, require_tensorrt  # all work without TensorRT
+        from .tensorrt import ONNX_FALLBACK, probe_plan, why_plan_cannot_run_here  # all work without TensorRT
 
         problem = probe_plan(model_path)
         if problem is not None:
             raise BackendError(problem)
-        try:
-            require_tensorrt(load_engine_metadata(model_path), trt, model_path.name)
-        except BackendError as exc:
-            raise BackendError(f"cannot run {model_path}: {exc}") from None
+        why = why_plan_cannot_run_here(model_path, trt)
+        if why is not None:
+            raise BackendError(f"cannot run {model_path}: {why} ({ONNX_FALLBACK})")
     return model_path
 
 

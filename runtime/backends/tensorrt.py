@@ -384,12 +384,12 @@ class TensorRTBackend(Backend):
             raise BackendError(problem)
         engine_meta = load_engine_metadata(plan_path)
         lib = require_tensorrt(engine_meta, library, plan_path.name)
+        if not torch.cuda.is_available():
+            raise BackendError(f"{lib.label} runs engines on a CUDA GPU and none is visible ({ONNX_FALLBACK})")
         if meta is None:
             from . import load_model_metadata
 
             meta = load_model_metadata(plan_path)
-        if not torch.cuda.is_available():
-            raise BackendError(f"{lib.label} runs engines on a CUDA GPU and none is visible ({ONNX_FALLBACK})")
         dev = torch.device(device if device is not None else "cuda")
         if dev.type != "cuda":
             raise BackendError(f"{lib.label} runs on a CUDA device, not {dev}")
