@@ -106,7 +106,7 @@ def _run_builtin(out_dir: Path, log: Callable[[str], None], size: tuple[int, int
     result = export_network(LoadedNetwork(net.eval(), None, None), out_dir, "fp32", DemoRelease(), stages=stages)
     usable, library_line = engine_status(library)
     if usable:
-        log(f"a TensorRT library is installed ({library_line}): building the built-in model's engine")
+        log(f"a TensorRT library is installed, {library_line}: building the built-in model's engine")
         verify = _engine_runs_here(library)  # the network is still float32: it is the reference
         build_and_verify(result.out_dir, DemoRelease(), "fp32", EngineOptions(library=library, verify=verify),
                          reference=LoadedNetwork(net, None, None) if verify else None, stages=stages)

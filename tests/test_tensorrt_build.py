@@ -298,3 +298,20 @@ def test_engine_mistakes_fail_before_the_export(extra, needles, tmp_path):
     assert not (tmp_path / "out").exists()
     assert "exporting ONNX" not in proc.stdout  # refused before the minutes of export
     assert time.perf_counter() - start < 120
+
+
+@pytest.mark.engine_matrix
+def test_demo_builds_the_builtin_models_engine(tmp_path):
+    """Issue 9 item 6: `pid-export --demo` builds the built-in model's engine when a library is
+    importable, says so, and still decodes (with the ONNX where the engine cannot run)."""
+    import torch
+
+    out = tmp_path / "demo"
+    proc = pid_export("--demo", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "a TensorRT library is installed, TensorRT-RTX 1.7.1.116" in proc.stdout
+    assert json.loads((out / "engine.json").read_text())["decomposable_attention_layers"] == 6  # fp32 demo
+    assert (out / "engine.plan").stat().st_size > 0 and (out / "demo.png").stat().st_size > 0
+    if not torch.cuda.is_available():
+        assert "cannot run here (TensorRT-RTX runs engines on a CUDA GPU and none is visible); using" in proc.stdout
+        assert "with onnxruntime on cpu" in proc.stdout
