@@ -68,8 +68,24 @@ def _hw_option(text: str | None):
         raise UsageProblem(str(exc)) from None
 
 
-HELP = f"""Export a PiD decoder to ONNX (dynamic 2K-4K shapes) and, where TensorRT is
-installed, build a TensorRT engine from it.
+def _engine_options(min_hw, opt_hw, max_hw, max_batch, profiles, trt, compute_capability, workspace_gb,
+                    strip_weights, verify) -> EngineOptions:
+    from .engine import EngineError, parse_compute_capabilities, parse_profiles
+
+    if profiles is not None and opt_hw is not None:
+        raise UsageProblem("give either --opt or --profiles (each profile names its opt size), not both")
+    try:
+        specs = parse_profiles(profiles) if profiles is not None else None
+        targets = parse_compute_capabilities(compute_capability) if compute_capability is not None else None
+    except EngineError as exc:
+        raise UsageProblem(str(exc)) from None
+    return EngineOptions(min_hw=_hw_option(min_hw), opt_hw=_hw_option(opt_hw), max_hw=_hw_option(max_hw),
+                         max_batch=max_batch, profiles=specs, library=trt, compute_capabilities=targets,
+                         workspace_gb=workspace_gb, strip_weights=strip_weights, verify=verify)
+
+
+HELP = f"""Export a PiD decoder to ONNX (dynamic 2K-4K shapes) and, where TensorRT or
+TensorRT-RTX is installed, build an engine from it (TensorRT-RTX builds without a GPU).
 
 \b
 Releases (--backbone / --variant):
@@ -80,7 +96,8 @@ Examples:
   pid-export --backbone sd3 --variant 2kto4k
   pid-export --backbone flux --variant 2k --precision fp16 --out engines/flux-2k
   pid-export --network-config net.json --checkpoint ft.pth --precision fp32 --onnx-only --out my-export
-  pid-export --demo      # small built-in model, no download: export + one decode
+  pid-export --backbone sd3 --variant 2kto4k --trt rtx --compute-capability 8.9,12.0
+  pid-export --demo      # small built-in model, no download: export (+ engine) + one decode
 """
 
 
@@ -100,16 +117,31 @@ Examples:
               help="Export directory (default: engines/<release>-<precision>/). Replaced whole on success.")
 @click.option("--onnx-only", is_flag=True, help="Stop after the ONNX export.")
 @click.option("--engine", "want_engine", is_flag=True,
-              help="Require the TensorRT engine: fail (instead of skipping it) when TensorRT is absent.")
+              help="Require the engine: fail (instead of skipping it) when no TensorRT library can build it.")
+@click.option("--trt", type=click.Choice(["auto", "tensorrt", "rtx"]), default=None,
+              help="TensorRT library: tensorrt (enterprise; data-centre and RTX GPUs; builds on the GPU) or rtx "
+                   "(TensorRT-RTX; RTX GPUs; builds without a GPU). Default: $PID_TRT, else auto (enterprise "
+                   "first when a CUDA GPU is visible).")
+@click.option("--compute-capability", metavar="LIST",
+              help="TensorRT-RTX build targets, e.g. 8.9,12.0 (default: its defaults 8.0, 8.6, 8.9, 12.0+). "
+                   "Enterprise TensorRT builds for the GPU it runs on.")
 @click.option("--min", "min_hw", metavar="HxW", help="Engine profile: smallest output size.")
 @click.option("--opt", "opt_hw", metavar="HxW", help="Engine profile: size the kernels are tuned for.")
 @click.option("--max", "max_hw", metavar="HxW", help="Engine profile: largest output size.")
+@click.option("--profiles", metavar="SPECS",
+              help="Several optimization profiles, comma-separated, each OPT or MIN:OPT:MAX (HxW), e.g. "
+                   "2048x2048,3840x3840; the runtime picks, per decode, the profile covering the size whose "
+                   "OPT is nearest. Default: 2kto4k releases get 2048x2048 (up to 2688x2688) and 3840x3840; "
+                   "others one profile.")
 @click.option("--max-batch", type=click.IntRange(1, 64), default=1, show_default=True,
               help="Engine profile: largest batch.")
 @click.option("--workspace-gb", type=click.FloatRange(min=0.1), help="TensorRT builder workspace limit.")
 @click.option("--strip-weights", is_flag=True,
-              help="Weight-stripped refittable plan (MBs); weights are refitted from the ONNX at load.")
-@click.option("--verify", is_flag=True, help="After building, compare the engine with the float32 PyTorch network at a small size.")
+              help="Weight-stripped refittable plan (MBs); weights are refitted from the ONNX at load. "
+                   "TensorRT-RTX builds one on the target GPU only.")
+@click.option("--verify", is_flag=True,
+              help="After building, run the engine at each profile's min, opt and max size against the float32 "
+                   "PyTorch network; fail when it is wrong. Needs a GPU the engine runs on.")
 @click.option("--allow-lint-problems", is_flag=True,
               help="Keep an export whose graph fails the TensorRT lint (unsupported op, unfused attention, "
                    "float64) instead of failing; the engine build may then fail or run slowly.")
@@ -127,14 +159,14 @@ Examples:
               help="Run the whole job on the embedded default: the sd3/2kto4k checkpoint if it is in the "
                    "local cache, else a small built-in model of the real architecture; then decode a "
                    "sample latent with pid-run's runtime.")
-def cli(backbone, variant, checkpoint, network_config, precision, out_dir, onnx_only, want_engine,
-        min_hw, opt_hw, max_hw, max_batch, workspace_gb, strip_weights, verify, allow_lint_problems, static_hw,
-        caption_model, no_empty_caption, demo):
+def cli(backbone, variant, checkpoint, network_config, precision, out_dir, onnx_only, want_engine, trt,
+        compute_capability, min_hw, opt_hw, max_hw, profiles, max_batch, workspace_gb, strip_weights, verify,
+        allow_lint_problems, static_hw, caption_model, no_empty_caption, demo):
     if demo:
         from .demo import run_demo
 
         try:
-            run_demo(out_dir=out_dir, log=_say)
+            run_demo(out_dir=out_dir, log=_say, library=trt)
         except PipelineError as exc:
             raise UsageProblem(str(exc)) from None
         return
@@ -162,9 +194,8 @@ def cli(backbone, variant, checkpoint, network_config, precision, out_dir, onnx_
     if static_hw is not None:
         height, width = _hw_option(static_hw)
         static_shape = (1, height, width)
-    engine = EngineOptions(min_hw=_hw_option(min_hw), opt_hw=_hw_option(opt_hw), max_hw=_hw_option(max_hw),
-                           max_batch=max_batch, workspace_gb=workspace_gb, strip_weights=strip_weights,
-                           verify=verify)
+    engine = _engine_options(min_hw, opt_hw, max_hw, max_batch, profiles, trt, compute_capability, workspace_gb,
+                             strip_weights, verify)
     _check_writable(out_dir)
 
     request = ExportRequest(

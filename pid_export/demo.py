@@ -5,8 +5,10 @@ Hugging Face cache, the demo exports it like `pid-export --backbone sd3
 --variant 2kto4k`. Otherwise (no hub access here) it uses a small built-in
 model of the real architecture (same blocks, interfaces and latent/caption
 layout as the sd3 release, fewer and narrower layers, seeded random weights),
-exports it to ONNX with dynamic shapes, and decodes a sample latent through
-pid_runtime (the same path as `pid-run`), writing `demo.png`.
+exports it to ONNX with dynamic shapes, builds its engine when a TensorRT library is
+importable (TensorRT-RTX builds on a CPU-only machine), and decodes a sample latent
+through pid_runtime (the same path as `pid-run`: the engine where it can run, else the
+ONNX with ONNX Runtime), writing `demo.png`.
 """
 
 from __future__ import annotations
@@ -52,8 +54,18 @@ def _cached_default_checkpoint() -> Path | None:
     return Path(found) if isinstance(found, str) else None
 
 
+def _engine_runs_here(library: str | None) -> bool:
+    """Whether an engine built here could also run here (then the demo verifies it)."""
+    from .engine import EngineError, build_target, why_engines_cannot_run_here
+
+    try:
+        return why_engines_cannot_run_here(build_target(library).library) is None
+    except EngineError:
+        return False
+
+
 def run_demo(out_dir: Path | None, log: Callable[[str], None] = print, size: tuple[int, int] = (256, 384),
-             seed: int = 0) -> Path:
+             seed: int = 0, library: str | None = None) -> Path:
     cached = _cached_default_checkpoint()
     if cached is not None:
         from .pipeline import EngineOptions, ExportRequest, run_export
@@ -62,7 +74,7 @@ def run_demo(out_dir: Path | None, log: Callable[[str], None] = print, size: tup
         log(f"demo: using the cached {release.label} checkpoint {cached}")
         request = ExportRequest(network=release.network, out_dir=out_dir or Path("engines") / f"{release.name}-bf16",
                                 release=release, checkpoint=cached, precision="bf16",
-                                engine=EngineOptions(verify=True))
+                                engine=EngineOptions(library=library, verify=_engine_runs_here(library)))
         export_dir = run_export(request, log)
         log(f"export ready: {export_dir}")
         return export_dir
@@ -70,16 +82,17 @@ def run_demo(out_dir: Path | None, log: Callable[[str], None] = print, size: tup
     log("demo: the released checkpoint is not in the local Hugging Face cache (no hub access here), so this "
         "uses a SMALL BUILT-IN MODEL of the real PiD architecture with random weights: the image shows the "
         "pipeline works, not PiD's quality. Use --backbone/--variant (or --checkpoint) for a real release.")
-    return _run_builtin(out_dir or Path("engines") / "demo-builtin-fp32", log, size, seed)
+    return _run_builtin(out_dir or Path("engines") / "demo-builtin-fp32", log, size, seed, library)
 
 
-def _run_builtin(out_dir: Path, log: Callable[[str], None], size: tuple[int, int], seed: int) -> Path:
+def _run_builtin(out_dir: Path, log: Callable[[str], None], size: tuple[int, int], seed: int,
+                 library: str | None = None) -> Path:
     from pid_runtime.backends import open_backend
     from pid_runtime.decode import decode
     from pid_runtime.io import write_output
 
     from .network import PidNet
-    from .pipeline import LoadedNetwork, Stages, export_network
+    from .pipeline import EngineOptions, LoadedNetwork, Stages, build_and_verify, engine_status, export_network
     from .synthetic import synthetic_state_dict
 
     cfg = DEMO_NETWORK
@@ -91,15 +104,21 @@ def _run_builtin(out_dir: Path, log: Callable[[str], None], size: tuple[int, int
     log(f"the built-in model: {count / 1e6:.1f} M parameters, exported with dynamic shapes")
     stages = Stages(log)
     result = export_network(LoadedNetwork(net.eval(), None, None), out_dir, "fp32", DemoRelease(), stages=stages)
+    usable, library_line = engine_status(library)
+    if usable:
+        log(f"a TensorRT library is installed, {library_line}: building the built-in model's engine")
+        verify = _engine_runs_here(library)  # the network is still float32: it is the reference
+        build_and_verify(result.out_dir, DemoRelease(), "fp32", EngineOptions(library=library, verify=verify),
+                         reference=LoadedNetwork(net, None, None) if verify else None, stages=stages)
 
     height, width = size
     scale = cfg.pixel_scale
     gen = torch.Generator().manual_seed(seed)
     latents = torch.randn(1, cfg.lq_latent_channels, height // scale, width // scale, generator=gen)
     caption = torch.randn(1, cfg.txt_max_length, cfg.txt_embed_dim, generator=gen)
-    with stages(f"decoding a {list(latents.shape)} latent to {height}x{width} with ONNX Runtime "
-                f"(4 steps, seed {seed})"):
-        backend = open_backend(result.out_dir)
+    with stages(f"decoding a {list(latents.shape)} latent to {height}x{width} (4 steps, seed {seed})"):
+        backend = open_backend(result.out_dir, log=stages.detail)  # its engine where that can run, else the ONNX
+        stages.detail(f"with {backend.name} on {backend.device}")
         try:
             decoded = decode(backend, latents, caption, sigma=0.0, seed=seed, steps=4)
         finally:

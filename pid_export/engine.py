@@ -1,14 +1,19 @@
-"""Building a TensorRT engine from an exported PiD ONNX model.
+"""Building a TensorRT or TensorRT-RTX engine from an exported PiD ONNX model.
 
 The network is parsed strongly typed, so the engine's precision is the ONNX
-graph's (fp16 / bf16 weights and compute, float32 at the boundary). One
-optimization profile covers a release's size range; kernels are tuned for
-its `opt` size and activation memory is sized for `max`.
+graph's (fp16 / bf16 weights and compute, float32 at the boundary). Which library
+builds it: `pid_runtime.trt_library` (enterprise TensorRT on the GPU it will run
+on; TensorRT-RTX ahead of time, no GPU needed, for a list of target compute
+capabilities). One or more optimization profiles cover a release's size range
+(2kto4k releases: a 2K-class profile tuned at 2048x2048 and a 4K-class one tuned
+at 3840x3840); kernels are tuned for each profile's `opt` size.
 
 Files written next to the ONNX (export directory layout, see pid_runtime.metadata):
     engine.plan    the serialized engine (written to a temp name, then renamed)
-    engine.json    what the plan was built with (checked by the runtime before loading)
-    timing.cache   TensorRT's kernel timing cache, reused by the next build
+    engine.json    what the plan was built with: library and version, target compute
+                   capabilities, profiles (checked by the runtime before loading)
+    timing.cache   enterprise TensorRT's kernel timing cache, reused by the next build
+                   (TensorRT-RTX times no kernels at build time: it has none)
 """
 
 from __future__ import annotations
@@ -22,21 +27,27 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
-import numpy as np
 import torch
 
-from pid_runtime.backends.base import BackendError
 from pid_runtime.backends.tensorrt import (
-    TensorRTBackend,
+    check_plan_compatibility,
+    compute_capability_string,
     engine_metadata_path,
-    installed_tensorrt_version,
     last_errors,
     recording_logger,
-    tensorrt_problem,
-    version_tuple,
 )
 from pid_runtime.io import atomic_write
 from pid_runtime.metadata import ENGINE_NAME, INPUT_NAMES, MODEL_METADATA, ModelMetadata
+from pid_runtime.trt_library import (
+    KINDS,
+    RTX,
+    RTX_DEFAULT_TARGETS,
+    LibraryError,
+    TensorRTLibrary,
+    gpu_visible,
+    library_status,
+    select_library,
+)
 
 from .config import PidConfig
 
@@ -44,7 +55,8 @@ if TYPE_CHECKING:
     import tensorrt as trt
 
 TIMING_CACHE_NAME = "timing.cache"
-ENGINE_METADATA_FORMAT = 1
+ENGINE_METADATA_FORMAT = 2  # 2: library, target compute capabilities, several profiles
+REJECTED_PREFIX = "rejected-"
 
 Shape = tuple[int, ...]
 HW = tuple[int, int]
@@ -55,22 +67,131 @@ class EngineError(RuntimeError):
     """A problem building or checking an engine that the user can act on."""
 
 
-def tensorrt_status() -> tuple[bool, str]:
-    """(usable, one line): can this machine build and run engines? Cheap; no GPU work."""
-    reason = _unusable_reason()
-    if reason is not None:
-        return False, f"{reason}; engine step skipped"
-    return True, f"TensorRT {installed_tensorrt_version()}"
+class MissingSizeRange(EngineError):
+    """The export has no size range and none was given: there is no profile to build."""
 
 
-def _unusable_reason() -> str | None:
-    version = installed_tensorrt_version()
-    problem = tensorrt_problem(version)
-    if problem is not None:
-        return problem
+def tensorrt_status(library: str | None = None) -> tuple[bool, str]:
+    """(can build here, one line naming the library or saying why not). Cheap; no GPU work."""
+    lib, line = library_status(library)
+    if lib is None:
+        return False, line
+    if not lib.builds_without_gpu and not gpu_visible():
+        rtx = KINDS[RTX]
+        return False, (f"{lib.description} builds engines on a CUDA GPU and none is visible ({rtx.label} builds "
+                       f"without one: {rtx.install})")
+    how = "ahead of time, no GPU needed" if lib.builds_without_gpu else "on this GPU"
+    return True, f"{lib.description} ({how})"
+
+
+def why_engines_cannot_run_here(lib: TensorRTLibrary, targets: Sequence[str] | None = None) -> str | None:
+    """Why an engine of `lib` for `targets` (None: the library's defaults) cannot run on this
+    machine, or None. Cheap: no GPU work beyond asking torch about the device."""
     if not torch.cuda.is_available():
-        return f"TensorRT {version} is installed but no CUDA GPU is visible"
-    return None
+        return f"{lib.label} runs engines on a CUDA GPU and none is visible"
+    here = compute_capability_string(torch.device("cuda", torch.cuda.current_device()))
+    if lib.key != RTX:
+        return None  # enterprise TensorRT builds for this very GPU
+    planned = {"compute_capabilities": list(targets or RTX_DEFAULT_TARGETS),
+               "compute_capabilities_source": "library default" if targets is None else "--compute-capability"}
+    return check_plan_compatibility(planned, lib.key, lib.version, here)
+
+
+# ---------------------------------------------------------------------------
+# Target compute capabilities (pure parsing; the library decides what it can build)
+
+
+def parse_compute_capabilities(text: str) -> tuple[str, ...]:
+    """'8.9,12.0' (also '89,120' or 'sm89,sm120') -> ('8.9', '12.0')."""
+    found: list[str] = []
+    for part in text.split(","):
+        item = part.strip().lower().removeprefix("sm_").removeprefix("sm")
+        dotted = re.fullmatch(r"(\d{1,2})\.(\d)", item)
+        packed = re.fullmatch(r"(\d{1,2})(\d)", item)
+        match = dotted or packed
+        if match is None:
+            raise EngineError(f"compute capability {part.strip()!r} is not like 8.9 or 12.0 (comma-separated)")
+        value = f"{int(match.group(1))}.{match.group(2)}"
+        if value not in found:
+            found.append(value)
+    if not found:
+        raise EngineError("--compute-capability needs at least one value, e.g. 8.9,12.0")
+    return tuple(found)
+
+
+@dataclass(frozen=True)
+class BuildTarget:
+    """What a build produces code for, decided before any slow work."""
+
+    library: TensorRTLibrary
+    compute_capabilities: tuple[str, ...]  # recorded in the sidecar
+    source: str  # "library default" | "--compute-capability" | "build GPU"
+    rtx_targets: tuple[str, ...] | None = None  # ComputeCapability member names set on the config
+    gpu_name: str | None = None  # the GPU the build runs on, when it uses one
+
+    @property
+    def on_gpu(self) -> bool:
+        return self.gpu_name is not None
+
+
+def build_target(library: str | None = None, compute_capabilities: Sequence[str] | None = None,
+                 strip_weights: bool = False) -> BuildTarget:
+    """The library and targets of a build, or EngineError with the reason it cannot happen here.
+
+    Enterprise TensorRT builds for the GPU it runs on. TensorRT-RTX builds CPU-only for its
+    default targets or the given ones; a weight-stripped TensorRT-RTX plan needs a GPU and
+    one target (its documentation: "a GPU device is required for the AOT build and at most
+    one compute capability can be set"), so without a GPU it is refused here, before the
+    export, instead of failing inside the builder with a CUDA error.
+    """
+    usable, why = tensorrt_status(library)
+    if not usable:
+        raise EngineError(why)
+    try:
+        lib = select_library(library)
+    except LibraryError as exc:
+        raise EngineError(str(exc)) from None
+    requested = tuple(compute_capabilities) if compute_capabilities else None
+    gpu = torch.cuda.is_available()
+    here = compute_capability_string(torch.device("cuda", torch.cuda.current_device())) if gpu else None
+    gpu_name = torch.cuda.get_device_name(torch.cuda.current_device()) if gpu else None
+
+    if not lib.builds_without_gpu:
+        if requested is not None and requested != (here,):
+            raise EngineError(f"{lib.description} builds for the GPU it runs on (compute capability {here}), "
+                              f"not for {', '.join(requested)}: build on such a GPU, or with TensorRT-RTX "
+                              f"(--trt rtx) for RTX-class targets")
+        return BuildTarget(lib, (str(here),), "build GPU", gpu_name=gpu_name)
+
+    available = {name for name in lib.module.ComputeCapability.__members__ if name.startswith("SM")}
+    if strip_weights:
+        if not gpu:
+            raise EngineError(f"--strip-weights with {lib.label} needs a CUDA GPU at build time (a weightless "
+                              f"{lib.label} plan is compiled on the GPU it targets) and none is visible: build "
+                              f"without --strip-weights here, or on the target GPU")
+        if requested is not None and requested != (here,):
+            raise EngineError(f"--strip-weights with {lib.label} builds for this GPU only (compute capability "
+                              f"{here}), not for {', '.join(requested)}")
+        return BuildTarget(lib, (str(here),), "build GPU", ("CURRENT",), gpu_name)
+    if requested is None:
+        return BuildTarget(lib, RTX_DEFAULT_TARGETS, "library default")
+    names = []
+    for cc in requested:
+        name = "SM" + cc.replace(".", "")
+        if name not in available:
+            offered = ", ".join(sorted((f"{n[2:-1]}.{n[-1]}" for n in available), key=lambda v: float(v)))
+            raise EngineError(f"{lib.description} cannot build for compute capability {cc}: it offers {offered}")
+        names.append(name)
+    return BuildTarget(lib, requested, "--compute-capability", tuple(names))
+
+
+def require_targets(target: BuildTarget, allowed: Sequence[str], what: str) -> None:
+    """EngineError unless every target of `target` is in `allowed`; for graphs that only some
+    GPUs can run (FP8: `require_targets(t, ("8.9", "12.0"), "FP8 engines")`)."""
+    extra = [cc for cc in target.compute_capabilities if cc not in allowed]
+    if extra:
+        raise EngineError(f"{what} run on compute capability {', '.join(allowed)} only, and this build targets "
+                          f"{', '.join(extra)} ({target.source}): use --compute-capability {','.join(allowed)}")
 
 
 # ---------------------------------------------------------------------------
@@ -136,7 +257,7 @@ class EngineProfile:
         low = min_hw or (_hw(meta.min_size) if meta.min_size else None)
         high = max_hw or (_hw(meta.max_size) if meta.max_size else None)
         if low is None or high is None:
-            raise EngineError("the export has no trained size range; give --min and --max HxW")
+            raise MissingSizeRange("the export has no trained size range; give --min and --max HxW")
         opt = opt_hw or (_hw(meta.trained_sizes[0]) if meta.trained_sizes else high)
         profile = cls(latent_channels=meta.latent_channels, pixel_scale=meta.pixel_scale,
                       txt_dim=meta.txt_embed_dim, min_hw=_hw(low), opt_hw=_hw(opt), max_hw=_hw(high),
@@ -221,61 +342,198 @@ def _model_precision(onnx_path: Path) -> str:
 
 
 # ---------------------------------------------------------------------------
+# Several profiles (pure)
+
+# 2kto4k releases get two profiles: kernels tuned at 2048x2048 for the 2K class (up to
+# 2688x2688, the largest 2K training bucket side) and at 3840x3840 over the whole range.
+PROFILE_2K_CLASS_OPT, PROFILE_2K_CLASS_MAX = (2048, 2048), (2688, 2688)
+PROFILE_4K_CLASS_OPT = (3840, 3840)
+
+
+@dataclass(frozen=True)
+class ProfileSpec:
+    """One profile as asked for: its opt size, and min/max when they differ from the export's range."""
+
+    opt: HW
+    min: HW | None = None
+    max: HW | None = None
+
+
+def parse_profiles(text: str) -> list[ProfileSpec]:
+    """'--profiles' value: comma-separated profiles, each OPT or MIN:OPT:MAX (HxW), e.g.
+    '2048x2048,3840x3840' or '1536x1536:2048x2048:2688x2688,1536x1536:3840x3840:4096x4096'."""
+    specs = []
+    for entry in text.split(","):
+        parts = [parse_hw(p) for p in entry.split(":")]
+        if len(parts) == 1:
+            specs.append(ProfileSpec(parts[0]))
+        elif len(parts) == 3:
+            specs.append(ProfileSpec(parts[1], parts[0], parts[2]))
+        else:
+            raise EngineError(f"profile {entry.strip()!r} is not OPT or MIN:OPT:MAX (each HxW)")
+    return specs
+
+
+def default_profile_specs(release: Any) -> list[ProfileSpec] | None:
+    """The profiles a release gets when the user names none; None means one profile over
+    its trained range tuned at its main size."""
+    if release is None or not str(getattr(release, "variant", "")).startswith("2kto4k"):
+        return None
+    return [ProfileSpec(PROFILE_2K_CLASS_OPT, max=PROFILE_2K_CLASS_MAX), ProfileSpec(PROFILE_4K_CLASS_OPT)]
+
+
+def engine_profiles(meta: ModelMetadata, specs: Sequence[ProfileSpec] | None, min_hw: HW | None = None,
+                    opt_hw: HW | None = None, max_hw: HW | None = None, *, max_batch: int = 1) -> list[EngineProfile]:
+    """The engine's profiles: one per spec (a spec's own min/max win over --min/--max), or
+    one from --min/--opt/--max and the export's range when there are no specs."""
+    if not specs:
+        return [EngineProfile.for_metadata(meta, min_hw, opt_hw, max_hw, max_batch=max_batch)]
+    if opt_hw is not None:
+        raise EngineError("give either --opt or --profiles (each profile names its opt size), not both")
+    return [EngineProfile.for_metadata(meta, spec.min or min_hw, spec.opt, spec.max or max_hw, max_batch=max_batch)
+            for spec in specs]
+
+
+# ---------------------------------------------------------------------------
 # Build
 
 
-def build_engine(onnx_path: Path | str, out_dir: Path | str, profile: EngineProfile, *,
-                 workspace_gb: float | None = None, opt_level: int = 3, strip_weights: bool = False,
-                 timing_cache: Path | str | None = None, log: Log = print) -> Path:
+def build_engine(onnx_path: Path | str, out_dir: Path | str, profiles: EngineProfile | Sequence[EngineProfile], *,
+                 library: str | None = None, compute_capabilities: Sequence[str] | None = None,
+                 target: BuildTarget | None = None, workspace_gb: float | None = None, opt_level: int = 3,
+                 strip_weights: bool = False, timing_cache: Path | str | None = None, log: Log = print) -> Path:
     """Build `out_dir/engine.plan` (+ engine.json) from `onnx_path`; returns the plan's path.
 
-    `timing_cache` (default out_dir/timing.cache) is read when present and
-    rewritten after the build, so rebuilding for the same GPU skips kernel timing.
+    `library` / `compute_capabilities` choose the library and its targets (or pass a
+    `target` from `build_target`). With enterprise TensorRT, `timing_cache` (default
+    out_dir/timing.cache) is read when present and rewritten after the build.
     """
     onnx_path, out_dir = Path(onnx_path), Path(out_dir)
-    reason = _unusable_reason()
-    if reason is not None:
-        raise EngineError(reason)
+    target = target or build_target(library, compute_capabilities, strip_weights)
+    lib = target.library
+    profiles = [profiles] if isinstance(profiles, EngineProfile) else list(profiles)
+    if not profiles:
+        raise EngineError("an engine needs at least one optimization profile")
     if not onnx_path.is_file():
         raise EngineError(f"ONNX model {onnx_path} does not exist")
-    profile.validate()
+    for profile in profiles:
+        profile.validate()
     out_dir.mkdir(parents=True, exist_ok=True)
-
-    import tensorrt as trt
+    if TYPE_CHECKING:
+        import tensorrt as trt
+    else:
+        trt = lib.module
 
     errors: list[str] = []
-    logger = recording_logger(errors, echo=log)
+    logger = recording_logger(lib, errors, echo=log)
     builder = trt.Builder(logger)
-    network = builder.create_network(_strongly_typed_flags())
+    network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+                                     if lib.needs_strongly_typed_flag else 0)
     parser = trt.OnnxParser(network, logger)
+    log(f"parsing {onnx_path.name} with {lib.description}")
+    start = time.perf_counter()
     if not parser.parse_from_file(str(onnx_path)):  # from the path: finds the external weights
         details = [str(parser.get_error(i)) for i in range(parser.num_errors)]
-        raise EngineError(f"TensorRT could not parse {onnx_path}: {' | '.join(details[:5]) or last_errors(errors)}")
+        raise EngineError(f"{lib.label} could not parse {onnx_path}: "
+                          f"{' | '.join(details[:3]) or last_errors(errors)}")
+    attention, decomposable = mark_fp32_attention_decomposable(lib, network)
+    log(f"parsed in {time.perf_counter() - start:.1f} s: {network.num_layers} layers, {attention} attention "
+        f"({decomposable} float32 ones decomposable: no fused float32 kernel exists)" if decomposable else
+        f"parsed in {time.perf_counter() - start:.1f} s: {network.num_layers} layers, {attention} fused attention")
     io = _network_io(network)
-    shapes = profile_shapes(profile)
-    unknown = sorted(set(shapes) - {t["name"] for t in io["inputs"]})
-    if unknown:
-        raise EngineError(f"{onnx_path} has no input(s) {', '.join(unknown)}: not a PiD export")
+    _check_profiles_fit(profiles, io)
 
     config = builder.create_builder_config()
     config.builder_optimization_level = opt_level
     if workspace_gb is not None:
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * (1 << 30)))
     # Lets the runtime size scratch memory for the actual shape, not the profile max.
-    # A 10.x preview feature; looked up by name so a TensorRT without it still builds.
+    # A 10.x preview feature; looked up by name so a library without it still builds.
     resize = getattr(trt.PreviewFeature, "RUNTIME_ACTIVATION_RESIZE_10_10", None)
     if resize is not None:
         config.set_preview_feature(resize, True)
     if strip_weights:
-        # Weightless plan; the runtime refits it from the same ONNX (identical weights).
+        # Weightless plan; the runtime refits it from the same ONNX. Enterprise: REFIT_IDENTICAL
+        # (the same weights come back); TensorRT-RTX documents REFIT for weightless plans.
         config.set_flag(trt.BuilderFlag.STRIP_PLAN)
-        config.set_flag(trt.BuilderFlag.REFIT_IDENTICAL)
-    trt_profile = builder.create_optimization_profile()
-    for name, (low, opt, high) in shapes.items():
-        trt_profile.set_shape(name, trt.Dims(list(low)), trt.Dims(list(opt)), trt.Dims(list(high)))
-    config.add_optimization_profile(trt_profile)
-
+        config.set_flag(trt.BuilderFlag.REFIT if lib.builds_without_gpu else trt.BuilderFlag.REFIT_IDENTICAL)
+    if target.rtx_targets is not None:
+        _set_compute_capabilities(lib, config, target.rtx_targets)
+    as_built: list[dict[str, list[list[int]]]] = []  # each profile's shapes as the builder's config holds them
+    for index, profile in enumerate(profiles):
+        trt_profile = builder.create_optimization_profile()
+        for name, (low, opt, high) in profile_shapes(profile).items():
+            trt_profile.set_shape(name, trt.Dims(list(low)), trt.Dims(list(opt)), trt.Dims(list(high)))
+        if config.add_optimization_profile(trt_profile) < 0:
+            raise EngineError(f"{lib.label} rejected optimization profile {index + 1} "
+                              f"({profile.min_hw}..{profile.max_hw}): {last_errors(errors)}")
+        as_built.append({name: [[int(dims[i]) for i in range(len(dims))] for dims in trt_profile.get_shape(name)]
+                         for name in INPUT_NAMES})
+    if config.num_optimization_profiles != len(profiles):
+        raise EngineError(f"{lib.label} kept {config.num_optimization_profiles} of {len(profiles)} profiles")
     cache_path = Path(timing_cache) if timing_cache is not None else out_dir / TIMING_CACHE_NAME
+    if lib.uses_timing_cache:
+        _use_timing_cache(config, cache_path, log)
+
+    sizes = "; ".join(f"{p.min_hw}..{p.max_hw} tuned for {p.opt_hw}" for p in profiles)
+    where = f"on {target.gpu_name}" if target.on_gpu else "CPU-only, ahead of time"
+    log(f"building ({where}) for compute capability {', '.join(target.compute_capabilities)} "
+        f"({target.source}); profile(s) {sizes}, batch {profiles[0].min_batch}..{profiles[0].max_batch}; "
+        f"this takes minutes")
+    start = time.perf_counter()
+    # The stubs say IHostMemory, but a failed build returns None (the reason is in the log).
+    plan: trt.IHostMemory | None = builder.build_serialized_network(network, config)
+    seconds = time.perf_counter() - start
+    if plan is None:
+        raise EngineError(f"{lib.label} could not build the engine: {last_errors(errors)}")
+    log(f"built in {seconds:.0f} s ({plan.nbytes / 2**20:.1f} MiB)")
+
+    if lib.uses_timing_cache:
+        write_atomic(cache_path, bytes(config.get_timing_cache().serialize()))
+    plan_path = out_dir / ENGINE_NAME
+    meta = _engine_metadata(onnx_path, profiles, as_built, io, target, stripped=strip_weights, opt_level=opt_level,
+                            workspace_gb=workspace_gb, attention=(attention, decomposable), seconds=seconds)
+    sidecar = engine_metadata_path(plan_path)
+    sidecar.unlink(missing_ok=True)  # never leave an old sidecar describing a new plan
+    write_atomic(plan_path, bytes(plan))
+    del plan
+    write_atomic(sidecar, (json.dumps(meta, indent=1) + "\n").encode())
+    return plan_path
+
+
+def mark_fp32_attention_decomposable(lib: TensorRTLibrary, network: "trt.INetworkDefinition") -> tuple[int, int]:
+    """(attention layers, how many were marked decomposable).
+
+    Neither library has a fused float32 attention kernel, and an attention layer that is
+    not decomposable must get one, so an fp32 graph fails to build ("Attention operation
+    was not supported by a dedicated kernel"). Float32 attentions are marked decomposable
+    (plain MatMul/Softmax/MatMul); fp16/bf16 ones are left fused, which is the speed.
+    """
+    trt: Any = lib.module  # IAttention is newer than the 10.13 typing stubs
+    output_type = getattr(trt.LayerType, "ATTENTION_OUTPUT", None)
+    attention = marked = 0
+    for index in range(network.num_layers):
+        layer = network.get_layer(index)
+        if output_type is None or layer.type != output_type:
+            continue
+        attention += 1
+        output: Any = layer
+        output.__class__ = trt.IAttentionOutputLayer  # the Python API's documented downcast
+        query = output.attention.get_input(0)
+        if query is not None and query.dtype == trt.DataType.FLOAT:
+            output.attention.decomposable = True
+            marked += 1
+    return attention, marked
+
+
+def _set_compute_capabilities(lib: TensorRTLibrary, config: "trt.IBuilderConfig", names: Sequence[str]) -> None:
+    members: Any = lib.module.ComputeCapability  # TensorRT-RTX only
+    setattr(config, "num_compute_capabilities", len(names))
+    for index, name in enumerate(names):
+        getattr(config, "set_compute_capability")(getattr(members, name), index)
+
+
+def _use_timing_cache(config: "trt.IBuilderConfig", cache_path: Path, log: Log) -> None:
     blob = cache_path.read_bytes() if cache_path.exists() else b""
     try:
         cache = config.create_timing_cache(blob)
@@ -285,35 +543,6 @@ def build_engine(onnx_path: Path | str, out_dir: Path | str, profile: EngineProf
     if not config.set_timing_cache(cache, False):
         log(f"timing cache {cache_path} is from another GPU or TensorRT; building without it")
         config.set_timing_cache(config.create_timing_cache(b""), False)
-
-    log(f"building TensorRT engine for {onnx_path.name}: sizes {profile.min_hw}..{profile.max_hw} "
-        f"(opt {profile.opt_hw}), batch {profile.min_batch}..{profile.max_batch}; this takes minutes")
-    start = time.perf_counter()
-    # The stubs say IHostMemory, but a failed build returns None (the reason is in the log).
-    plan: trt.IHostMemory | None = builder.build_serialized_network(network, config)
-    if plan is None:
-        raise EngineError(f"TensorRT could not build the engine: {last_errors(errors)}")
-    log(f"engine built in {time.perf_counter() - start:.0f} s ({plan.nbytes / 2**20:.1f} MiB)")
-
-    write_atomic(cache_path, bytes(config.get_timing_cache().serialize()))
-    plan_path = out_dir / ENGINE_NAME
-    meta = _engine_metadata(onnx_path, profile, io, stripped=strip_weights, opt_level=opt_level,
-                            workspace_gb=workspace_gb)
-    sidecar = engine_metadata_path(plan_path)
-    sidecar.unlink(missing_ok=True)  # never leave an old sidecar describing a new plan
-    write_atomic(plan_path, bytes(plan))
-    write_atomic(sidecar, (json.dumps(meta, indent=1) + "\n").encode())
-    return plan_path
-
-
-def _strongly_typed_flags() -> int:
-    """TensorRT 11 networks are always strongly typed (flag 0); 10.x must ask for it."""
-    import tensorrt as trt
-
-    version = installed_tensorrt_version() or "0"
-    if version_tuple(version)[:1] >= (11,):
-        return 0
-    return 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
 
 
 def _network_io(network: "trt.INetworkDefinition") -> dict[str, list[dict[str, Any]]]:
@@ -325,144 +554,66 @@ def _network_io(network: "trt.INetworkDefinition") -> dict[str, list[dict[str, A
             "outputs": [describe(network.get_output(i)) for i in range(network.num_outputs)]}
 
 
-def _engine_metadata(onnx_path: Path, profile: EngineProfile, io: Mapping[str, Any], *, stripped: bool,
-                     opt_level: int, workspace_gb: float | None) -> dict[str, Any]:
-    device = torch.cuda.current_device()
-    major, minor = torch.cuda.get_device_capability(device)
+def _check_profiles_fit(profiles: Sequence[EngineProfile], io: Mapping[str, Any]) -> None:
+    """Each profile shape against the parsed network's inputs (names, ranks, fixed dims), in
+    the user's terms, before the library reports a profile error in its own."""
+    inputs = {t["name"]: t["shape"] for t in io["inputs"]}
+    for index, profile in enumerate(profiles):
+        shapes = profile_shapes(profile)
+        unknown = sorted(set(shapes) - set(inputs))
+        if unknown:
+            raise EngineError(f"the model has no input(s) {', '.join(unknown)}: not a PiD export")
+        for name, extremes in shapes.items():
+            model_shape = inputs[name]
+            for shape in extremes:
+                fixed_mismatch = [axis for axis, (want, got) in enumerate(zip(model_shape, shape))
+                                  if want >= 0 and want != got]
+                if len(shape) != len(model_shape) or fixed_mismatch:
+                    raise EngineError(f"profile {index + 1} gives input {name} shape {list(shape)}, but the model's "
+                                      f"input is {model_shape} (-1 = any): the profile is for another network")
+
+
+def _engine_metadata(onnx_path: Path, profiles: Sequence[EngineProfile], as_built: Sequence[Mapping[str, Any]],
+                     io: Mapping[str, Any], target: BuildTarget, *, stripped: bool, opt_level: int, workspace_gb: float | None, attention: tuple[int, int],
+                     seconds: float) -> dict[str, Any]:
+    lib = target.library
     return {
         "format": ENGINE_METADATA_FORMAT,
-        "tensorrt_version": installed_tensorrt_version(),
-        "gpu_name": torch.cuda.get_device_name(device),
-        "compute_capability": f"{major}.{minor}",
+        "library": lib.key,
+        "library_name": lib.label,
+        "library_version": lib.version,
+        "compute_capabilities": list(target.compute_capabilities),
+        "compute_capabilities_source": target.source,
+        "built_on": target.gpu_name or "CPU (ahead of time)",
         "precision": _model_precision(onnx_path),
-        "profile": profile.to_dict(),
+        "profiles": [dict(profile.to_dict(), as_built=shapes) for profile, shapes in zip(profiles, as_built)],
         "inputs": io["inputs"],
         "outputs": io["outputs"],
+        "attention_layers": attention[0],
+        "decomposable_attention_layers": attention[1],
         "onnx_name": onnx_path.name,
         "onnx_sha256": onnx_sha256(onnx_path),
         "stripped": stripped,
         "builder_optimization_level": opt_level,
         "workspace_gb": workspace_gb,
+        "build_seconds": round(seconds, 1),
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
 
 
-# ---------------------------------------------------------------------------
-# Verify
-
-
-@dataclass
-class VerifyResult:
-    rel_error: float  # ||engine - reference|| / ||reference||
-    max_abs_error: float
-    finite: bool
-    reference: str  # what the engine was compared with
-    x_shape: list[int]
-
-    def summary(self) -> str:
-        status = "" if self.finite else " (engine output has NaN/Inf)"
-        return (f"engine vs {self.reference} at x{self.x_shape}: relative error {self.rel_error:.3g}, "
-                f"max abs {self.max_abs_error:.3g}{status}")
-
-
-def verify_engine(engine: Path | str, onnx_path: Path | str | None = None, *,
-                  hw: HW | None = None, batch: int | None = None, seed: int = 0,
-                  net: torch.nn.Module | None = None, log: Log = print) -> VerifyResult:
-    """Run the engine and a reference on the same random inputs at a small size inside the profile.
-
-    The reference is `net` in float32 on the GPU when given (independent of the
-    ONNX; `net` itself is cast to float32 and moved to the GPU), else ONNX
-    Runtime on `onnx_path` (default: the ONNX the engine was built from; ONNX
-    Runtime's CPU provider has no bf16 MatMul, so a bf16 export needs `net` or
-    onnxruntime-gpu). Captions get a few large channels, like real Gemma-2
-    states, because reduced-precision normalisation fails on exactly those.
-    """
-    plan_path = Path(engine)
-    if plan_path.is_dir():
-        plan_path = plan_path / ENGINE_NAME
+def set_aside_rejected(plan_path: Path) -> Path:
+    """Move a plan that failed verification (and its sidecar) out of the way of the runtime,
+    which loads `engine.plan`: it becomes `rejected-engine.plan` (+ `.json`) beside it."""
+    plan_path = Path(plan_path)
+    rejected = plan_path.with_name(REJECTED_PREFIX + plan_path.name)
     sidecar = engine_metadata_path(plan_path)
-    if not sidecar.exists():
-        raise EngineError(f"{sidecar} is missing: cannot tell which sizes {plan_path.name} accepts")
-    engine_meta = json.loads(sidecar.read_text())
-    prof = engine_meta["profile"]
-    height, width = hw or tuple(prof["min_hw"])
-    batch = batch or int(prof["min_batch"])
-    meta = _metadata_for(plan_path, prof)
-    inputs = _verify_inputs(prof, batch, height, width, seed)
-
-    try:
-        backend = TensorRTBackend(plan_path, meta)
-        try:
-            dev = backend.device
-            backend.bind(inputs["y"], inputs["lq_latent"], inputs["degrade_sigma"], height, width)
-            out = backend.velocity(inputs["x"].to(dev), inputs["t"].to(dev))
-            got = out.float().cpu().numpy().astype(np.float64)
-        finally:
-            backend.close()
-    except BackendError as exc:
-        raise EngineError(str(exc)) from None
-
-    if net is not None:
-        reference = "PyTorch (fp32)"
-        ref_net = net.float().to(dev).eval()
-        with torch.no_grad():
-            want = ref_net(*(inputs[n].to(dev) for n in INPUT_NAMES)).float().cpu().numpy()
-    else:
-        onnx_file = Path(onnx_path) if onnx_path is not None else plan_path.parent / engine_meta["onnx_name"]
-        reference = f"ONNX Runtime ({onnx_file.name})"
-        want = _run_onnxruntime(onnx_file, {n: inputs[n].numpy() for n in INPUT_NAMES})
-    want = want.astype(np.float64)
-    result = VerifyResult(
-        rel_error=float(np.linalg.norm(got - want) / max(float(np.linalg.norm(want)), 1e-30)),
-        max_abs_error=float(np.abs(got - want).max()),
-        finite=bool(np.isfinite(got).all()),
-        reference=reference,
-        x_shape=[batch, 3, height, width],
-    )
-    log(result.summary())
-    return result
+    plan_path.replace(rejected)
+    if sidecar.exists():
+        sidecar.replace(engine_metadata_path(rejected))
+    return rejected
 
 
-def _metadata_for(plan_path: Path, prof: Mapping[str, Any]) -> ModelMetadata:
-    meta_path = plan_path.parent / MODEL_METADATA
-    if meta_path.exists():
-        return ModelMetadata.load(meta_path)
-    # A plan on its own: the profile knows everything verification needs.
-    return ModelMetadata(release=None, latent_channels=prof["latent_channels"],
-                         latent_down_factor=prof["pixel_scale"], sr_factor=1,
-                         txt_embed_dim=prof["txt_dim"], txt_max_length=prof["text_length"], precision="unknown")
-
-
-def _verify_inputs(prof: Mapping[str, Any], batch: int, height: int, width: int,
-                   seed: int) -> dict[str, torch.Tensor]:
-    gen = torch.Generator().manual_seed(seed)
-    scale = int(prof["pixel_scale"])
-    y = torch.randn(batch, int(prof["text_length"]), int(prof["txt_dim"]), generator=gen)
-    y[..., :: max(int(prof["txt_dim"]) // 8, 1)] *= 50.0  # outlier channels
-    return {
-        "x": torch.randn(batch, 3, height, width, generator=gen),
-        "t": torch.full((batch,), 634.0),
-        "y": y,
-        "lq_latent": torch.randn(batch, int(prof["latent_channels"]), height // scale, width // scale,
-                                 generator=gen),
-        "degrade_sigma": torch.full((batch,), 0.2),
-    }
-
-
-def _run_onnxruntime(onnx_file: Path, feeds: Mapping[str, np.ndarray]) -> np.ndarray:
-    import onnxruntime as ort
-
-    wanted = ("CUDAExecutionProvider", "CPUExecutionProvider")
-    providers = [p for p in wanted if p in ort.get_available_providers()]
-    try:
-        session = ort.InferenceSession(str(onnx_file), providers=providers)
-        (out,) = session.run(["velocity"], dict(feeds))
-    except Exception as exc:  # ORT raises its own exception types for unsupported ops/types
-        raise EngineError(f"ONNX Runtime could not run {onnx_file} as the reference "
-                          f"(a bf16 graph needs the CUDA provider; pass the fp32 export or net=): "
-                          f"{str(exc).splitlines()[0]}") from None
-    return np.asarray(out)
-
-
-__all__ = ["EngineError", "EngineProfile", "VerifyResult", "build_engine", "parse_hw",
-           "profile_shapes", "tensorrt_status", "verify_engine", "write_atomic"]
+__all__ = ["BuildTarget", "EngineError", "EngineProfile", "MissingSizeRange", "ProfileSpec", "build_engine", "build_target",
+           "default_profile_specs", "engine_profiles", "mark_fp32_attention_decomposable", "parse_compute_capabilities",
+           "parse_hw", "parse_profiles", "profile_shapes", "require_targets", "set_aside_rejected", "tensorrt_status",
+           "why_engines_cannot_run_here", "write_atomic"]

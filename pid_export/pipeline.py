@@ -169,43 +169,111 @@ class EngineOptions:
     opt_hw: HW | None = None
     max_hw: HW | None = None
     max_batch: int = 1
+    profiles: list[Any] | None = None  # engine.ProfileSpec list (--profiles); None: the release's default
+    library: str | None = None  # "tensorrt" | "rtx" | "auto"; None: $PID_TRT, else auto
+    compute_capabilities: tuple[str, ...] | None = None  # TensorRT-RTX targets; None: its defaults
     workspace_gb: float | None = None
     strip_weights: bool = False
     verify: bool = False
 
 
-def engine_status() -> tuple[bool, str]:
+def engine_status(library: str | None = None) -> tuple[bool, str]:
     """(can build here, one line saying which library or why not); cheap, no GPU work."""
     from .engine import tensorrt_status
 
-    return tensorrt_status()
+    return tensorrt_status(library)
+
+
+def check_engine_options(options: EngineOptions) -> Any:
+    """What the engine step will need, checked before any slow work; returns the BuildTarget.
+
+    `--verify` runs the engine, so it needs a GPU the engine can run on. Without one it is
+    an error, not a note: the user asked for a checked engine, and a build that ends with
+    "ready" but was never run would read as checked. It is refused here, before minutes of
+    export and build, with what to do instead.
+    """
+    from .engine import EngineError, build_target, why_engines_cannot_run_here
+
+    try:
+        target = build_target(options.library, options.compute_capabilities, options.strip_weights)
+    except EngineError as exc:
+        raise PipelineError(str(exc)) from None
+    if options.verify:
+        targets = None if target.source == "library default" else target.compute_capabilities
+        why = why_engines_cannot_run_here(target.library, targets)
+        if why is not None:
+            raise PipelineError(f"--verify runs the engine, and it cannot run here: {why}. Build without --verify "
+                                f"here and check the engine where it runs (pid-export --verify on that GPU)")
+    return target
+
+
+def profiles_for(meta: Any, release: Any, options: EngineOptions) -> list[Any]:
+    """The engine's optimization profiles (engine.EngineProfile) for an export's metadata:
+    --profiles, else --min/--opt/--max over the export's range (opt: the release's main
+    size), else the release's default profiles (two for 2kto4k releases)."""
+    from .engine import default_profile_specs, engine_profiles
+
+    specs = options.profiles
+    if specs is None and (options.min_hw, options.opt_hw, options.max_hw) == (None, None, None):
+        specs = default_profile_specs(release)
+    opt_hw = options.opt_hw
+    if opt_hw is None and not specs and getattr(release, "opt_size", None) is not None:
+        opt_hw = tuple(release.opt_size)
+    return engine_profiles(meta, specs, options.min_hw, opt_hw, options.max_hw, max_batch=options.max_batch)
+
+
+def planned_profiles(network: PidConfig, release: Any, options: EngineOptions,
+                     static_shape: tuple[int, int, int] | None = None) -> list[Any]:
+    """`profiles_for` from what the export's metadata will say, so that profile mistakes
+    fail before the export instead of after it."""
+    from pid_runtime.metadata import ModelMetadata
+
+    sizes = [list(s) for s in getattr(release, "trained_sizes", ())]
+    low, high = getattr(release, "min_size", None), getattr(release, "max_size", None)
+    if static_shape is not None:
+        low = high = static_shape[1:]
+    meta = ModelMetadata(release=getattr(release, "name", None), latent_channels=network.lq_latent_channels,
+                         latent_down_factor=network.latent_spatial_down_factor, sr_factor=network.sr_scale,
+                         txt_embed_dim=network.txt_embed_dim, txt_max_length=network.txt_max_length,
+                         precision="unknown", trained_sizes=sizes, min_size=list(low) if low else None,
+                         max_size=list(high) if high else None)
+    return profiles_for(meta, release, options)
 
 
 def build_and_verify(export_dir: Path, release: Any, precision: str, options: EngineOptions,
                      reference: LoadedNetwork | None = None, stages: Stages | None = None) -> Path:
-    """engine.plan in `export_dir`; with `options.verify`, compared with `reference` (float32 PidNet)."""
+    """engine.plan in `export_dir`; with `options.verify`, compared with `reference` (float32 PidNet).
+
+    A plan that fails verification is set aside as rejected-engine.plan (the runtime would
+    otherwise load it) and the step fails.
+    """
     from pid_runtime.metadata import MODEL_METADATA, ONNX_NAME, ModelMetadata
 
-    from .engine import EngineError, EngineProfile, build_engine, verify_engine
+    from .engine import EngineError, build_engine, set_aside_rejected
+    from .verify import require_passed, verify_engine
 
     stages = stages or Stages(lambda message: None)
     meta = ModelMetadata.load(export_dir / MODEL_METADATA)
-    opt_hw = options.opt_hw
-    if opt_hw is None and release is not None and getattr(release, "opt_size", None) is not None:
-        opt_hw = tuple(release.opt_size)
     try:
-        profile = EngineProfile.for_metadata(meta, options.min_hw, opt_hw, options.max_hw,
-                                             max_batch=options.max_batch)
-        with stages(f"building the TensorRT engine ({precision}, sizes {profile.min_hw}..{profile.max_hw}, "
-                    f"tuned for {profile.opt_hw})"):
-            plan = build_engine(export_dir / ONNX_NAME, export_dir, profile, workspace_gb=options.workspace_gb,
-                                strip_weights=options.strip_weights, log=stages.detail)
+        target = check_engine_options(options)
+        profiles = profiles_for(meta, release, options)
+        sizes = ", ".join(f"{p.min_hw}..{p.max_hw} tuned for {p.opt_hw}" for p in profiles)
+        with stages(f"building the {target.library.label} engine ({precision}, {len(profiles)} profile(s): {sizes})"):
+            plan = build_engine(export_dir / ONNX_NAME, export_dir, profiles, target=target,
+                                workspace_gb=options.workspace_gb, strip_weights=options.strip_weights,
+                                log=stages.detail)
             stages.detail(f"{plan} ({plan.stat().st_size / 1e6:.1f} MB)")
         if options.verify:
             if reference is None:
                 raise PipelineError("--verify needs the float32 network the engine was exported from")
-            with stages("verifying the engine against the float32 PyTorch network"):
-                verify_engine(plan, export_dir / ONNX_NAME, net=reference.net, log=stages.detail)
+            with stages("verifying the engine against the float32 PyTorch network (min, opt, max sizes)"):
+                try:
+                    require_passed(verify_engine(plan, export_dir / ONNX_NAME, net=reference.net,
+                                                 log=stages.detail))
+                except EngineError as exc:
+                    if plan.exists():
+                        stages.detail(f"the plan is kept as {set_aside_rejected(plan)}, not as {plan.name}")
+                    raise
     except EngineError as exc:
         raise PipelineError(str(exc)) from None
     return plan
@@ -234,16 +302,37 @@ class ExportRequest:
     download_caption_model: bool = True  # fetch a hub caption model that is not cached (unless offline)
 
 
+def _engine_plan_ok(request: ExportRequest, log: Log) -> bool:
+    """Engine options and profiles checked before the export. A custom network without a
+    size range gets no engine (a note) unless --engine demands one."""
+    from .engine import EngineError, MissingSizeRange
+
+    target = check_engine_options(request.engine)
+    try:
+        profiles = planned_profiles(request.network, request.release, request.engine, request.static_shape)
+    except MissingSizeRange as exc:
+        if request.require_engine:
+            raise PipelineError(str(exc)) from None
+        log(f"engine step will be skipped: {exc}")
+        return False
+    except EngineError as exc:
+        raise PipelineError(str(exc)) from None
+    log(f"engine: {target.library.description}, {len(profiles)} optimization profile(s), "
+        f"{'built on ' + target.gpu_name if target.gpu_name else 'built CPU-only'} for compute capability "
+        f"{', '.join(target.compute_capabilities)}")
+    return True
+
+
 def run_export(request: ExportRequest, log: Log) -> Path:
     """Checkpoint -> ONNX -> caption -> engine (-> verify); returns the export directory."""
     stages = Stages(log)
     build = False
     if not request.onnx_only:
         # Said before minutes of export, and a required engine fails here, not after them.
-        usable, why = engine_status()
+        usable, why = engine_status(request.engine.library)
         if usable:
-            build = True
-            if request.precision == "fp32":
+            build = _engine_plan_ok(request, log)
+            if build and request.precision == "fp32":
                 log("note: building an fp32 engine; use --precision bf16 for speed")
         elif request.require_engine:
             raise PipelineError(f"cannot build the engine: {why}")

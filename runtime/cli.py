@@ -137,7 +137,9 @@ of unexpected errors.
 @click.option("--device", default="auto", show_default=True, metavar="auto|cpu|cuda|cuda:N",
               help="Where the decode runs (auto: CUDA when available).")
 @click.option("--cuda-graph", is_flag=True, help="TensorRT only: replay each step as a CUDA graph (same noise, "
-              "same memory).")
+              "same memory; TensorRT-RTX: its own capture of each engine launch).")
+@click.option("--trt", type=click.Choice(["auto", "tensorrt", "rtx"]), default=None,
+              help="TensorRT library for an engine (default: $PID_TRT, else the one that built it).")
 @click.option("--pipeline", type=click.Choice(BACKBONE_NAMES, case_sensitive=False), default=None,
               help="LATENTS are a diffusers pipeline's output_type=\"latent\" output for this backbone (packed "
                    "Flux/Flux2/Qwen-Image tokens, Flux2-Klein's raw latent, ...): unpack them, and take --sigma "
@@ -151,7 +153,7 @@ def run_command(model: str, latents: str, out: str | None, caption_embeds: str |
                 sigma: str, seed: int, size_text: str | None, steps: int, noise_file: str | None,
                 batch_size: int | None, bit_depth: str,
                 device: str, cuda_graph: bool, pipeline: str | None, ldm_size: str | None,
-                vae_bn_stats: str | None) -> None:
+                vae_bn_stats: str | None, trt: str | None) -> None:
     def say(message: str) -> None:
         click.echo(message)
 
@@ -161,7 +163,7 @@ def run_command(model: str, latents: str, out: str | None, caption_embeds: str |
     size = parse_size(size_text)
     # Cheap checks first, so a typo costs no model load.
     out_path = check_output_path(out, int(bit_depth)) if out is not None else None
-    model_file = preflight(model)
+    model_file = preflight(model, trt, note=say)
     if pipeline is None and (ldm_size or vae_bn_stats):
         raise InputError("--ldm-size and --vae-bn-stats apply to pipeline latents: add --pipeline BACKBONE")
     if pipeline is None:
@@ -176,7 +178,7 @@ def run_command(model: str, latents: str, out: str | None, caption_embeds: str |
     caption = load_caption(caption_embeds) if caption_embeds else None
     noise = load_noise(noise_file) if noise_file else None
 
-    backend = open_backend(model_file, device=device, cuda_graph=cuda_graph)
+    backend = open_backend(model_file, device=device, cuda_graph=cuda_graph, trt=trt, log=say)
     try:
         meta = backend.meta
         say(f"model {model_file} ({backend.name} on {backend.device}; "

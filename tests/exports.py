@@ -8,8 +8,10 @@ depends on (exporter and network sources, golden files, library versions), so a
 change to any of them produces fresh exports instead of stale ones.
 
 Use the `golden_exports` fixture (all cases, exported two at a time) or
-`export_cases([...])` for just the cases a test needs. A file lock serialises
-exporting across pytest-xdist workers; the others wait and reuse the result.
+`export_cases([...])` for just the cases a test needs; `precision="bf16"` / `"fp16"`
+gives the reduced-precision exports (`<case>-<precision>/`, same key), which the
+engine-build tests share. A file lock serialises exporting across pytest-xdist
+workers; the others wait and reuse the result.
 """
 
 from __future__ import annotations
@@ -50,31 +52,33 @@ def cache_key() -> str:
     return digest.hexdigest()[:16]
 
 
-def _export_one(case: str, out_dir: str) -> str:
+def _export_one(case: str, out_dir: str, precision: str = "fp32") -> str:
     from pid_export.onnx_export import export_onnx
 
-    export_onnx(golden_net(case), out_dir, precision="fp32")
+    export_onnx(golden_net(case), out_dir, precision=precision)
     return case
 
 
-def _export_in_worker(case: str, out_dir: str) -> str:
+def _export_in_worker(case: str, out_dir: str, precision: str = "fp32") -> str:
     """Pool worker: one thread each, the pool is the parallelism (the CPU is small and shared)."""
     torch.set_num_threads(1)
-    return _export_one(case, out_dir)
+    return _export_one(case, out_dir, precision)
 
 
 def _is_complete(export_dir: Path) -> bool:
     return (export_dir / "pid_export.json").is_file() and (export_dir / "model.onnx").is_file()
 
 
-def export_cases(cases: list[str] | tuple[str, ...], root: Path | None = None) -> dict[str, Path]:
-    """Export directories of `cases`, exporting the missing ones (POOL_SIZE at a time)."""
+def export_cases(cases: list[str] | tuple[str, ...], root: Path | None = None,
+                 precision: str = "fp32") -> dict[str, Path]:
+    """Export directories of `cases` at `precision`, exporting the missing ones (POOL_SIZE at a time)."""
     root = root or _cache_root
     if root is None:
         raise RuntimeError("export cache not set up: use the golden_exports / export_root fixtures")
     key = cache_key()
     base = root / key
-    wanted = {case: base / case for case in cases}
+    suffix = "" if precision == "fp32" else f"-{precision}"
+    wanted = {case: base / f"{case}{suffix}" for case in cases}
     # One exporter at a time across processes (pytest-xdist workers share the cache).
     with open(root / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
@@ -84,12 +88,13 @@ def export_cases(cases: list[str] | tuple[str, ...], root: Path | None = None) -
         base.mkdir(parents=True, exist_ok=True)
         missing = [case for case, path in wanted.items() if not _is_complete(path)]
         if len(missing) == 1:
-            _export_one(missing[0], str(wanted[missing[0]]))
+            _export_one(missing[0], str(wanted[missing[0]]), precision)
         elif missing:
             # spawn: a forked child would inherit torch's thread pools mid-state.
             context = multiprocessing.get_context("spawn")
             with ProcessPoolExecutor(max_workers=POOL_SIZE, mp_context=context) as pool:
-                for done in pool.map(_export_in_worker, missing, [str(wanted[c]) for c in missing]):
+                for done in pool.map(_export_in_worker, missing, [str(wanted[c]) for c in missing],
+                                     [precision] * len(missing)):
                     assert _is_complete(wanted[done]), f"export of {done} is incomplete"
     return wanted
 

@@ -15,17 +15,17 @@ from exports import CASES, export_cases, export_root, golden_exports, golden_ten
 from PIL import Image
 from safetensors.torch import save_file
 
-from pid_runtime.backends.tensorrt import installed_tensorrt_version
 from pid_runtime.cli import main
 from pid_runtime.metadata import MODEL_METADATA
+from pid_runtime.trt_library import library_status
 
 CASE = "tiny_v1_16ch_sr4_b2"  # 16-ch latent [2,16,3,2] -> 2 x 96x64 px, text dim 40
 REL_TOL = 1e-4
 
 
 def tensorrt_installed() -> bool:
-    # `import tensorrt` succeeds on an empty namespace package (tensorrt-stubs); a real one has a version.
-    return installed_tensorrt_version() is not None
+    """A real TensorRT or TensorRT-RTX (not just tensorrt-stubs' empty namespace package)."""
+    return library_status()[0] is not None
 
 
 def run(args: list[str | Path], capfd) -> tuple[int, str, str]:
@@ -267,7 +267,7 @@ def test_engine_file_that_is_not_a_plan(export_dir, io_dir, capfd):
     assert outputs(io_dir) == []
 
 
-@pytest.mark.skipif(not tensorrt_installed(), reason="TensorRT is not installed: a plan cannot be deserialized")
+@pytest.mark.skipif(not tensorrt_installed(), reason="no TensorRT library is installed: a plan cannot be deserialized")
 def test_garbage_plan_is_refused_by_tensorrt(export_dir, io_dir, capfd):
     plan = io_dir / "engine.plan"
     plan.write_bytes(b"\x00" * 4096)  # nothing probe_plan recognises: TensorRT must refuse it
@@ -283,10 +283,12 @@ def pid_run_command() -> list[str]:
     return [str(script)] if script.exists() else [sys.executable, "-m", "pid_runtime.cli"]
 
 
-@pytest.mark.skipif(tensorrt_installed(), reason="checks the behaviour without TensorRT")
+@pytest.mark.skipif(tensorrt_installed() and torch.cuda.is_available(),
+                    reason="checks the behaviour without TensorRT or without a GPU")
 @pytest.mark.parametrize("files_exist", [True, False])
 def test_plan_without_tensorrt_fails_with_one_line(files_exist, tmp_path):
-    """The installed `pid-run` on a machine without TensorRT: one line, no traceback, no file."""
+    """The installed `pid-run` where no engine can run (no TensorRT library, or TensorRT-RTX but
+    no GPU): one line, no traceback, no file."""
     if files_exist:
         (tmp_path / "some.plan").write_bytes(b"\x00" * 256)
         np.save(tmp_path / "latents.npy", np.zeros((1, 16, 3, 2), np.float32))
@@ -294,7 +296,9 @@ def test_plan_without_tensorrt_fails_with_one_line(files_exist, tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert_one_line_error(proc.returncode, proc.stderr, "some.plan")
     if files_exist:
-        assert "TensorRT is not installed" in proc.stderr
+        expected = "runs engines on a CUDA GPU and none is visible" if tensorrt_installed() else \
+            "no TensorRT library is installed"
+        assert expected in proc.stderr
     assert not (tmp_path / "o.png").exists()
 
 

@@ -16,7 +16,7 @@ from PIL import Image
 from pid_runtime.backends import BackendError, open_backend
 from pid_runtime.backends.base import Backend
 from pid_runtime.backends.onnxruntime import OnnxRuntimeBackend
-from pid_runtime.backends.tensorrt import installed_tensorrt_version
+from pid_runtime.backends.tensorrt import why_plan_cannot_run_here
 from pid_runtime.decode import decode
 from pid_runtime.io import InputError, load_caption, load_latents, write_output
 from pid_runtime.metadata import ModelMetadata
@@ -146,22 +146,32 @@ def test_open_backend_routes_by_path(export_dir, tmp_path):
         open_backend(export_dir, cuda_graph=True)
 
 
-@pytest.mark.skipif(installed_tensorrt_version() is None, reason="TensorRT is not installed")
-def test_export_dir_prefers_its_engine(export_dir, tmp_path):
-    with_engine = tmp_path / "exp"
-    shutil.copytree(export_dir, with_engine)
-    (with_engine / "engine.plan").write_bytes(b"not an engine")
-    with pytest.raises(BackendError):
-        open_backend(with_engine)
-
-
-@pytest.mark.skipif(installed_tensorrt_version() is not None, reason="checks the behaviour without TensorRT")
-def test_export_dir_with_engine_needs_tensorrt(export_dir, tmp_path):
+def _engine_dir(export_dir, tmp_path):
     with_engine = tmp_path / "exp"
     shutil.copytree(export_dir, with_engine)
     (with_engine / "engine.plan").write_bytes(b"\x00" * 64)  # nothing probe_plan recognises
-    with pytest.raises(BackendError, match="TensorRT is not installed.*model.onnx"):
-        open_backend(with_engine)
+    return with_engine
+
+
+@pytest.mark.skipif(why_plan_cannot_run_here(Path("engine.plan")) is not None,
+                    reason="needs a TensorRT library and a CUDA GPU")
+def test_export_dir_prefers_its_engine(export_dir, tmp_path):
+    with pytest.raises(BackendError):  # the library refuses the garbage plan: it was chosen over the ONNX
+        open_backend(_engine_dir(export_dir, tmp_path))
+
+
+@pytest.mark.skipif(why_plan_cannot_run_here(Path("engine.plan")) is None,
+                    reason="checks a machine where engines cannot run (no TensorRT library or no GPU)")
+def test_export_dir_whose_engine_cannot_run_here_uses_its_onnx(export_dir, tmp_path):
+    # TensorRT-RTX builds engines on CPU-only machines: the directory still decodes there.
+    with_engine = _engine_dir(export_dir, tmp_path)
+    notes: list[str] = []
+    backend = open_backend(with_engine, log=notes.append)
+    assert isinstance(backend, OnnxRuntimeBackend)
+    assert len(notes) == 1 and notes[0].startswith(f"note: {with_engine / 'engine.plan'} cannot run here (")
+    assert notes[0].endswith(f"using {with_engine / 'model.onnx'} with ONNX Runtime")
+    with pytest.raises(BackendError, match="model.onnx with ONNX Runtime instead"):  # named explicitly: not swapped
+        open_backend(with_engine / "engine.plan")
 
 
 # ---------------------------------------------------------------------------

@@ -1,8 +1,10 @@
-"""The TensorRT layer: engine profile, plan checks, the TensorRT-absent path, typing, and
-(where TensorRT and a GPU exist) engine build + decode against the golden vectors.
+"""The TensorRT layer: engine profiles (one and several), plan checks, choosing the library
+(enterprise TensorRT or TensorRT-RTX), the device discipline, typing, and (where a library
+and a GPU that can run its engines exist) engine decode against the golden vectors.
 
-Without TensorRT only the parts that need no TensorRT run; everything that needs it
-is marked `tensorrt` and skips with the reason.
+What needs no TensorRT runs everywhere. Engine *builds* with TensorRT-RTX on the CPU are
+in test_tensorrt_build.py; everything that runs an engine is marked `tensorrt` and skips
+with the reason where no GPU can run it.
 """
 
 from __future__ import annotations
@@ -22,32 +24,51 @@ import pytest
 import torch
 
 from conftest import GOLDEN, golden_net, golden_tensors, rel_err
+from exports import export_cases, export_root  # noqa: F401 (fixture)
 from pid_export import PidConfig
 from pid_export.engine import (
     EngineError,
     EngineProfile,
+    MissingSizeRange,
+    ProfileSpec,
+    default_profile_specs,
+    engine_profiles,
     onnx_sha256,
+    parse_compute_capabilities,
     parse_hw,
+    parse_profiles,
     profile_shapes,
     tensorrt_status,
+    why_engines_cannot_run_here,
     write_atomic,
 )
+from pid_export.releases import get_release
 from pid_runtime.backends.base import BackendError
 from pid_runtime.backends.tensorrt import (
     TensorRTBackend,
     check_plan_compatibility,
+    describe_invalidity,
     load_engine_metadata,
     probe_plan,
     profile_violation,
-    tensorrt_problem,
+    select_profile,
+    union_ranges,
 )
 from pid_runtime.metadata import ModelMetadata
+from pid_runtime.trt_library import (
+    ENV_VAR,
+    LibraryError,
+    choose_library,
+    library_for_plan,
+    normalise_choice,
+    select_library,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 RELEASES = json.loads((GOLDEN / "released_checkpoints.json").read_text()) if GOLDEN.exists() else {}
 
 
-def real_tensorrt_present() -> bool:
+def real_enterprise_tensorrt_present() -> bool:
     """Decided here, independently of the code under test: a real TensorRT has a Builder."""
     try:
         import tensorrt
@@ -56,7 +77,18 @@ def real_tensorrt_present() -> bool:
     return hasattr(tensorrt, "Builder")
 
 
-no_real_tensorrt = pytest.mark.skipif(real_tensorrt_present(), reason="TensorRT is installed here")
+def real_tensorrt_rtx_present() -> bool:
+    try:
+        import tensorrt_rtx
+    except (ImportError, OSError):
+        return False
+    return hasattr(tensorrt_rtx, "Builder")
+
+
+no_enterprise_tensorrt = pytest.mark.skipif(real_enterprise_tensorrt_present(), reason="TensorRT is installed here")
+needs_rtx = pytest.mark.skipif(not real_tensorrt_rtx_present(),
+                               reason="TensorRT-RTX is not installed (pip install tensorrt-rtx-cu13==1.7.1.116)")
+no_gpu = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the behaviour without a CUDA GPU")
 
 
 def release_config(name: str) -> PidConfig:
@@ -154,28 +186,129 @@ def test_parse_hw():
 
 
 # ---------------------------------------------------------------------------
+# Several optimization profiles (pure)
+
+
+def test_parse_profiles():
+    assert parse_profiles("2048x2048,3840x3840") == [ProfileSpec((2048, 2048)), ProfileSpec((3840, 3840))]
+    assert parse_profiles("1536x1536:2048x2048:2688x2688") == [
+        ProfileSpec((2048, 2048), (1536, 1536), (2688, 2688))]
+    for bad in ("2048x2048:3840x3840", "2048", "1x1:2x2:3x3:4x4"):
+        with pytest.raises(EngineError):
+            parse_profiles(bad)
+
+
+def _release_metadata(release) -> ModelMetadata:
+    cfg = release.network
+    return ModelMetadata(release=release.name, latent_channels=cfg.lq_latent_channels,
+                         latent_down_factor=cfg.latent_spatial_down_factor, sr_factor=cfg.sr_scale,
+                         txt_embed_dim=cfg.txt_embed_dim, txt_max_length=cfg.txt_max_length, precision="bf16",
+                         trained_sizes=[list(s) for s in release.trained_sizes], min_size=list(release.min_size),
+                         max_size=list(release.max_size))
+
+
+def test_2kto4k_releases_get_a_2k_and_a_4k_profile():
+    release = get_release("sd3", "2kto4k")
+    meta = _release_metadata(release)
+    profiles = engine_profiles(meta, default_profile_specs(release))
+    assert [(p.min_hw, p.opt_hw, p.max_hw) for p in profiles] == [
+        ((1536, 1536), (2048, 2048), (2688, 2688)),  # 2K class: up to the largest 2K bucket side
+        ((1536, 1536), (3840, 3840), (4096, 4096)),  # 4K class: the whole trained range
+    ]
+    for variant in ("2kto4k", "2kto4k-v1.5"):  # flux2: 64 px per latent cell, the sizes still fit
+        flux2 = get_release("flux2", variant)
+        assert len(engine_profiles(_release_metadata(flux2), default_profile_specs(flux2))) == 2
+    assert default_profile_specs(get_release("flux", "2k")) is None  # one profile, tuned at 2048x2048
+    assert default_profile_specs(None) is None  # custom networks: one profile
+    with pytest.raises(EngineError, match="--opt or --profiles"):
+        engine_profiles(meta, parse_profiles("3840x3840"), opt_hw=(2048, 2048))
+    with pytest.raises(MissingSizeRange, match="give --min and --max"):
+        engine_profiles(_metadata(), parse_profiles("3840x3840"))
+
+
+def _two_profiles() -> list[dict]:
+    """What get_tensor_profile_shape reports for the default sd3/2kto4k engine (batch 1..2)."""
+    cfg = get_release("sd3", "2kto4k").network
+    return [profile_shapes(EngineProfile.for_config(cfg, low, opt, high, max_batch=2))
+            for low, opt, high in (((1536, 1536), (2048, 2048), (2688, 2688)),
+                                   ((1536, 1536), (3840, 3840), (4096, 4096)))]
+
+
+@pytest.mark.parametrize("height, width, expected", [
+    (1536, 1536, 0), (2048, 2048, 0), (2048, 2688, 0), (2688, 2688, 0),  # 2K side: both cover, 2K opt nearer
+    (2720, 2720, 1), (2880, 2048, 1),  # just past the 2K profile's max: only the 4K one covers
+    (3072, 3072, 1), (3840, 3840, 1), (4096, 4096, 1), (4096, 1536, 1),
+], ids=lambda v: str(v))
+def test_profile_selection_on_both_sides_of_the_boundary(height, width, expected):
+    assert select_profile(_decode_shapes(1, height, width), _two_profiles()) == expected
+
+
+def test_profile_selection_prefers_the_nearest_opt_when_several_cover():
+    profiles = _two_profiles()
+    # Both cover 2688x2688 (2K's max); 2048 is 1280 px away in H+W, 3840 is 2304: the 2K profile.
+    assert select_profile(_decode_shapes(2, 2688, 2688), profiles) == 0
+    # A 4K profile listed first changes nothing: nearest opt, not order.
+    assert select_profile(_decode_shapes(1, 2304, 1728), profiles[::-1]) == 1
+
+
+def test_profile_selection_refuses_uncovered_shapes_with_the_union_range():
+    profiles = _two_profiles()
+    with pytest.raises(BackendError, match=r"output size 4608x4608 is outside the engine profile 1536x1536 \.\. "
+                                           r"4096x4096"):
+        select_profile(_decode_shapes(1, 4608, 4608), profiles)
+    with pytest.raises(BackendError, match=r"batch 3 \(input x\) is outside the engine profile: allowed 1\.\.2"):
+        select_profile(_decode_shapes(3, 2048, 2048), profiles)
+    assert union_ranges(profiles)["x"] == ((1, 3, 1536, 1536), (2, 3, 4096, 4096))
+
+
+# ---------------------------------------------------------------------------
 # Plan checks the runtime makes before TensorRT sees the file (pure)
 
-BUILT_HERE = {"tensorrt_version": "10.14.1.48", "compute_capability": "9.0", "gpu_name": "NVIDIA H100 80GB HBM3"}
+BUILT_HERE = {"library": "tensorrt", "library_version": "10.14.1.48", "compute_capabilities": ["9.0"],
+              "gpu_name": "NVIDIA H100 80GB HBM3"}
+RTX_DEFAULT = {"library": "rtx", "library_version": "1.7.1.116", "compute_capabilities": ["8.0", "8.6", "8.9", "12.0+"],
+               "compute_capabilities_source": "library default"}
+RTX_FP8 = dict(RTX_DEFAULT, compute_capabilities=["8.9", "12.0"], compute_capabilities_source="--compute-capability")
 
 
 def test_compatibility_accepts_matching_plan():
-    assert check_plan_compatibility(BUILT_HERE, "10.14.1.48", "9.0") is None
-    assert check_plan_compatibility({}, "10.14.1.48", "9.0") is None  # nothing recorded: TensorRT decides
+    assert check_plan_compatibility(BUILT_HERE, "tensorrt", "10.14.1.48", "9.0") is None
+    assert check_plan_compatibility({}, "tensorrt", "10.14.1.48", "9.0") is None  # nothing recorded: TensorRT decides
+    # A sidecar from before TensorRT-RTX support (one GPU, `tensorrt_version`) is still read.
+    old = {"tensorrt_version": "10.14.1.48", "compute_capability": "9.0"}
+    assert check_plan_compatibility(old, "tensorrt", "10.14.1.48", "9.0") is None
+    assert "expecting compute 8.9 got compute 9.0" in check_plan_compatibility(old, "tensorrt", "10.14.1.48", "8.9")
 
 
 def test_compatibility_refuses_other_tensorrt_version_in_tensorrts_words():
-    message = check_plan_compatibility(BUILT_HERE, "10.15.1.29", "9.0")
+    message = check_plan_compatibility(BUILT_HERE, "tensorrt", "10.15.1.29", "9.0")
     assert message is not None
     assert message.startswith("engine plan is not compatible with this version of TensorRT, "
                               "expecting library version 10.15.1.29 got 10.14.1.48")
 
 
 def test_compatibility_refuses_other_gpu_in_tensorrts_words():
-    message = check_plan_compatibility(BUILT_HERE, "10.14.1.48", "8.9")
+    message = check_plan_compatibility(BUILT_HERE, "tensorrt", "10.14.1.48", "8.9")
     assert message is not None
     assert message.startswith("engine plan was generated on an incompatible device (NVIDIA H100 80GB HBM3), "
                               "expecting compute 8.9 got compute 9.0")
+
+
+@pytest.mark.parametrize("gpu, fits", [("8.0", True), ("8.6", True), ("8.9", True), ("12.0", True), ("12.1", True),
+                                       ("7.5", False), ("9.0", False), ("10.0", False)])
+def test_rtx_plan_runs_on_its_default_targets_only(gpu, fits):
+    message = check_plan_compatibility(RTX_DEFAULT, "rtx", "1.7.1.116", gpu)
+    if fits:
+        assert message is None
+    else:
+        assert message.startswith(f"engine plan targets compute capability 8.0, 8.6, 8.9, 12.0+ and this GPU is {gpu}: "
+                                  "TensorRT-RTX engines run on RTX-class GPUs only")
+
+
+def test_rtx_plan_for_named_targets_runs_on_those_only():
+    assert check_plan_compatibility(RTX_FP8, "rtx", "1.7.1.116", "8.9") is None
+    assert check_plan_compatibility(RTX_FP8, "rtx", "1.7.1.116", "12.0") is None
+    assert "--compute-capability 8.6" in check_plan_compatibility(RTX_FP8, "rtx", "1.7.1.116", "8.6")
 
 
 def _flux_ranges() -> dict:
@@ -244,13 +377,6 @@ def test_engine_sidecar_loading(tmp_path):
     assert load_engine_metadata(plan) == BUILT_HERE
 
 
-def test_tensorrt_version_gate():
-    assert "TensorRT is not installed: pip install --extra-index-url https://pypi.nvidia.com" in tensorrt_problem(None)
-    assert "TensorRT 10.13.0.35 is too old (need >= 10.14)" in tensorrt_problem("10.13.0.35")
-    assert tensorrt_problem("10.14.1.48") is None
-    assert tensorrt_problem("11.0.0.12") is None
-
-
 def test_write_atomic_leaves_no_partial_file(tmp_path):
     target = tmp_path / "engine.plan"
     write_atomic(target, b"first")
@@ -281,27 +407,118 @@ def test_onnx_hash_covers_external_weights(tmp_path):
     assert onnx_sha256(path) != expected
 
 
+@needs_rtx
+def test_engine_validity_diagnostics_in_words():
+    import tensorrt_rtx
+
+    flags = {name: int(value) for name, value in tensorrt_rtx.EngineInvalidityDiagnostics.__members__.items()}
+    assert describe_invalidity(flags["UNSUPPORTED_CC"] | flags["OLD_CUDA_DRIVER"], flags) == (
+        "it was not built for this GPU's compute capability; the CUDA driver is too old")
+    assert describe_invalidity(flags["VERSION_MISMATCH"], flags) == "it was built by another TensorRT-RTX version"
+    assert describe_invalidity(0, flags) == "no reason was given"
+
+
 # ---------------------------------------------------------------------------
-# This machine has no TensorRT: real behaviour, not a simulation
+# Choosing the library
 
 
-@no_real_tensorrt
-def test_status_says_tensorrt_is_missing_and_how_to_get_it():
-    usable, reason = tensorrt_status()
-    assert not usable
-    assert reason == ("TensorRT is not installed: pip install --extra-index-url https://pypi.nvidia.com "
-                      "'tensorrt>=10.14' (needs an NVIDIA GPU); engine step skipped")
+def _problems(**usable: bool):
+    """`problem(key)` for choose_library: None for the usable libraries, a reason for the others;
+    records which libraries were probed."""
+    probed: list[str] = []
+
+    def problem(key: str) -> str | None:
+        probed.append(key)
+        return None if usable.get(key) else f"{key} is not installed"
+
+    return problem, probed
 
 
-@no_real_tensorrt
-def test_backend_without_tensorrt_says_so_and_points_to_onnx(tmp_path):
+def test_auto_prefers_enterprise_with_a_gpu_and_rtx_without():
+    problem, probed = _problems(tensorrt=True, rtx=True)
+    assert choose_library("auto", problem, gpu=True) == "tensorrt" and probed == ["tensorrt"]
+    problem, probed = _problems(tensorrt=True, rtx=True)
+    assert choose_library("auto", problem, gpu=False) == "rtx" and probed == ["rtx"]  # the other is never imported
+    problem, _ = _problems(tensorrt=True)
+    assert choose_library("auto", problem, gpu=False) == "tensorrt"  # it will say it needs a GPU to build
+    problem, _ = _problems(rtx=True)
+    assert choose_library(None, problem, gpu=True) == "rtx"
+
+
+def test_explicit_choice_and_environment_override_auto(monkeypatch):
+    problem, _ = _problems(tensorrt=True, rtx=True)
+    assert choose_library("rtx", problem, gpu=True) == "rtx"
+    monkeypatch.setenv(ENV_VAR, "rtx")
+    assert choose_library(None, problem, gpu=True) == "rtx"
+    assert choose_library("tensorrt", problem, gpu=True) == "tensorrt"  # the option beats the variable
+    monkeypatch.setenv(ENV_VAR, "tensorrt_rtx")  # the module name works too
+    assert normalise_choice(None) == "rtx"
+    monkeypatch.setenv(ENV_VAR, "cuda")
+    with pytest.raises(LibraryError, match=r"\$PID_TRT='cuda' is not a TensorRT library: use auto, tensorrt, rtx"):
+        normalise_choice(None)
+    with pytest.raises(LibraryError, match=r"--trt='trt11' is not a TensorRT library"):
+        normalise_choice("trt11")
+
+
+def test_no_library_names_both_and_how_to_get_them():
+    problem, _ = _problems()
+    with pytest.raises(LibraryError) as info:
+        choose_library("auto", problem, gpu=False)
+    assert str(info.value) == (
+        "no TensorRT library is installed: TensorRT-RTX (RTX GPUs, compute capability 8.0/8.6/8.9/12.0+; builds "
+        "without a GPU): pip install 'pid-export[rtx]' (or tensorrt-rtx-cu13==1.7.1.116); or TensorRT (data-centre "
+        "and RTX GPUs; builds need that GPU): pip install --extra-index-url https://pypi.nvidia.com 'tensorrt>=10.14'")
+    with pytest.raises(LibraryError, match="^rtx is not installed$"):
+        choose_library("rtx", problem, gpu=False)
+
+
+@no_enterprise_tensorrt
+def test_asking_for_enterprise_tensorrt_where_it_is_absent_says_how_to_get_it():
+    # Real behaviour: enterprise TensorRT cannot be installed here (tensorrt-stubs may be).
+    with pytest.raises(LibraryError, match=r"^TensorRT is not installed.*: pip install --extra-index-url "
+                                           r"https://pypi.nvidia.com 'tensorrt>=10.14'$"):
+        select_library("tensorrt")
+    usable, line = tensorrt_status("tensorrt")
+    assert not usable and line.startswith("TensorRT is not installed")
+
+
+def test_a_plan_is_never_handed_to_the_other_library():
+    with pytest.raises(LibraryError) as info:
+        library_for_plan(RTX_DEFAULT, "tensorrt", "engine.plan")
+    assert str(info.value) == (
+        "engine.plan was built with TensorRT-RTX 1.7.1.116 and cannot run with TensorRT (a plan runs only with the "
+        "library that built it): rebuild it with pid-export --trt tensorrt, or use TensorRT-RTX")
+    with pytest.raises(LibraryError, match="built with TensorRT 10.14.1.48 and cannot run with TensorRT-RTX"):
+        library_for_plan(BUILT_HERE, "rtx", "engine.plan")
+    old = {"tensorrt_version": "10.14.1.48"}  # older sidecars: enterprise TensorRT
+    with pytest.raises(LibraryError, match="built with TensorRT 10.14.1.48 and cannot run with TensorRT-RTX"):
+        library_for_plan(old, "rtx", "engine.plan")
+
+
+def _backend_error(tmp_path: Path, sidecar: dict) -> str:
     plan = tmp_path / "engine.plan"
-    plan.write_bytes(b"ftrt" + bytes(200))
+    plan.write_bytes(b"vtrt" + bytes(200))
+    (tmp_path / "engine.json").write_text(json.dumps(sidecar))
     with pytest.raises(BackendError) as info:
         TensorRTBackend(plan, _metadata())
-    assert str(info.value) == (
-        "TensorRT is not installed: pip install --extra-index-url https://pypi.nvidia.com 'tensorrt>=10.14' "
-        "(needs an NVIDIA GPU) (pid-run can run the export directory's model.onnx with ONNX Runtime instead)")
+    assert "\n" not in str(info.value)
+    return str(info.value)
+
+
+@no_enterprise_tensorrt
+def test_enterprise_plan_where_enterprise_is_absent_is_refused_with_one_line(tmp_path):
+    message = _backend_error(tmp_path, BUILT_HERE)
+    assert message.startswith("engine.plan was built with TensorRT 10.14.1.48, which is not usable here (TensorRT is "
+                              "not installed")
+    assert message.endswith("(pid-run can run the export directory's model.onnx with ONNX Runtime instead)")
+
+
+@needs_rtx
+@no_gpu
+def test_rtx_plan_without_a_gpu_says_so_and_points_to_onnx(tmp_path):
+    assert _backend_error(tmp_path, RTX_DEFAULT) == (
+        "TensorRT-RTX runs engines on a CUDA GPU and none is visible (pid-run can run the export directory's "
+        "model.onnx with ONNX Runtime instead)")
 
 
 def test_backend_refuses_a_file_that_is_not_a_plan(tmp_path):
@@ -313,18 +530,80 @@ def test_backend_refuses_a_file_that_is_not_a_plan(tmp_path):
         TensorRTBackend(tmp_path / "empty.engine", _metadata())
 
 
+def test_compute_capability_lists():
+    assert parse_compute_capabilities("8.9,12.0") == ("8.9", "12.0")
+    assert parse_compute_capabilities("89, 120") == ("8.9", "12.0")
+    assert parse_compute_capabilities("sm86,SM_89,8.6") == ("8.6", "8.9")
+    for bad in ("", "ampere", "8", "8.9.1", "123.4"):
+        with pytest.raises(EngineError):
+            parse_compute_capabilities(bad)
+
+
+@needs_rtx
+@no_gpu
+def test_build_targets_cpu_only_and_restricted_for_hardware_specific_graphs():
+    from pid_export.engine import build_target, require_targets
+
+    default = build_target("rtx")
+    assert (default.compute_capabilities, default.source, default.on_gpu) == (
+        ("8.0", "8.6", "8.9", "12.0+"), "library default", False)
+    fp8 = build_target("rtx", ("8.9", "12.0"))
+    assert (fp8.rtx_targets, fp8.source) == (("SM89", "SM120"), "--compute-capability")
+    require_targets(fp8, ("8.9", "12.0"), "FP8 engines")
+    with pytest.raises(EngineError, match=r"^FP8 engines run on compute capability 8\.9, 12\.0 only, and this build "
+                                          r"targets 8\.0, 8\.6, 12\.0\+ \(library default\): use "
+                                          r"--compute-capability 8\.9,12\.0$"):
+        require_targets(default, ("8.9", "12.0"), "FP8 engines")
+    with pytest.raises(EngineError, match="--strip-weights with TensorRT-RTX needs a CUDA GPU at build time"):
+        build_target("rtx", strip_weights=True)
+
+
+# ---------------------------------------------------------------------------
+# Device discipline (issue 10): every TensorRTBackend method that enqueues CUDA work or
+# allocates makes the backend's device current. Without a second GPU this can only be
+# checked structurally; running on cuda:1 is unverified here.
+
+DEVICE_METHODS = ("bind", "velocity", "sample", "close")
+
+
+def test_backend_methods_that_touch_the_gpu_run_on_its_device():
+    for name in DEVICE_METHODS:
+        assert getattr(getattr(TensorRTBackend, name), "runs_on_own_device", False), name
+    # ... and nothing else in the class launches work outside them: every torch.cuda / context
+    # call sits in one of those methods, in __init__ (inside `with torch.cuda.device(dev)`) or
+    # in a helper only they call.
+    source = Path(sys.modules[TensorRTBackend.__module__].__file__).read_text()
+    tree = ast.parse(source)
+    cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "TensorRTBackend")
+    callers: dict[str, set[str]] = {}
+    for method in (n for n in cls.body if isinstance(n, ast.FunctionDef)):
+        for node in ast.walk(method):
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "self":
+                callers.setdefault(node.attr, set()).add(method.name)
+    helpers = {"_allocate", "_execute", "_save_runtime_cache"}
+    for helper in helpers:
+        assert callers[helper] <= set(DEVICE_METHODS) | helpers, (helper, callers[helper])
+    init = next(n for n in cls.body if isinstance(n, ast.FunctionDef) and n.name == "__init__")
+    device_block = next(n for n in ast.walk(init) if isinstance(n, ast.With)
+                        and "torch.cuda.device" in ast.unparse(n.items[0].context_expr))
+    inside = ast.unparse(device_block)
+    for call in ("deserialize_cuda_engine", "_create_context", "torch.cuda.Stream"):
+        assert call in inside, call
+
+
 # ---------------------------------------------------------------------------
 # Static typing against tensorrt-stubs (the CI check for this layer)
 
-TYPED_MODULES = ("pid_export.engine", "pid_runtime.backends.tensorrt", "pid_runtime.cuda_graph")
+TYPED_MODULES = ("pid_export.engine", "pid_runtime.backends.tensorrt", "pid_runtime.trt_library",
+                 "pid_runtime.cuda_graph")
 # Proves the check is real: these two lines must be flagged, so the stubs and
 # pid_runtime were both resolved (not silently treated as Any).
 CANARY = '''import tensorrt as trt
-from pid_runtime.backends.tensorrt import version_tuple
+from pid_runtime.trt_library import normalise_choice
 
 def f() -> None:
     trt.Builder()
-    version_tuple(3)
+    normalise_choice(3)
 '''
 
 
@@ -389,7 +668,17 @@ ignore_missing_imports = True
 # ---------------------------------------------------------------------------
 # With TensorRT and a GPU: build tiny engines, decode, compare with the golden vectors
 
-TRT_USABLE, TRT_REASON = tensorrt_status()
+def _engines_run_here() -> tuple[bool, str]:
+    usable, line = tensorrt_status()
+    if not usable:
+        return False, line
+    why = why_engines_cannot_run_here(select_library())
+    return why is None, why or line
+
+
+TRT_USABLE, TRT_REASON = _engines_run_here()
+needs_engine_gpu = pytest.mark.skipif(not TRT_USABLE, reason=f"needs a TensorRT library and a CUDA GPU that runs "
+                                                             f"its engines: {TRT_REASON}")
 CASE = "tiny_v1_16ch_sr4"  # 16-ch latent, 32 px per latent cell, 64x96 output, text length 12
 # Relative error vs the fp32 golden velocity; bf16 has 8 mantissa bits, fp16 11.
 TOLERANCE = {"bf16": 3e-2, "fp16": 5e-3, "fp32": 5e-3}
@@ -400,15 +689,16 @@ def _golden_net_and_tensors():
 
 
 @pytest.fixture(scope="module", params=["bf16", "fp16"])
-def tiny_engine(request, tmp_path_factory):
-    """(precision, export dir with engine.plan) for the golden case, profile 32x32 .. 128x128, batch 1..2."""
+def tiny_engine(request, export_root, tmp_path_factory):  # noqa: F811
+    """(precision, dir with engine.plan) for the golden case (cached export), profile 32x32 .. 128x128, batch 1..2."""
     from pid_export.engine import build_engine
-    from pid_export.onnx_export import export_onnx
 
+    if not TRT_USABLE:
+        pytest.skip(f"needs a TensorRT library and a CUDA GPU that runs its engines: {TRT_REASON}")
     precision = request.param
-    net, _ = _golden_net_and_tensors()
+    source = export_cases([CASE], export_root, precision=precision)[CASE]
     out = tmp_path_factory.mktemp(f"engine-{precision}") / "export"
-    export_onnx(net, out, precision=precision)
+    shutil.copytree(source, out)
     cfg = PidConfig.from_dict(json.loads((GOLDEN / f"{CASE}.json").read_text())["network"])
     profile = EngineProfile.for_config(cfg, (32, 32), (64, 96), (128, 128), max_batch=2, min_text_length=1)
     build_engine(out / "model.onnx", out, profile, workspace_gb=2, log=lambda m: None)
@@ -422,7 +712,7 @@ def _bind_golden(backend: TensorRTBackend, g: dict) -> None:
 
 
 @pytest.mark.tensorrt
-@pytest.mark.skipif(not TRT_USABLE, reason=f"needs TensorRT and a CUDA GPU: {TRT_REASON}")
+@needs_engine_gpu
 def test_engine_velocity_matches_golden(tiny_engine):
     precision, out = tiny_engine
     _, g = _golden_net_and_tensors()
@@ -438,26 +728,27 @@ def test_engine_velocity_matches_golden(tiny_engine):
 
 
 @pytest.mark.tensorrt
-@pytest.mark.skipif(not TRT_USABLE, reason=f"needs TensorRT and a CUDA GPU: {TRT_REASON}")
+@needs_engine_gpu
 def test_engine_sidecar_describes_the_build(tiny_engine):
-    import tensorrt as trt
-
     precision, out = tiny_engine
     meta = json.loads((out / "engine.json").read_text())
-    major, minor = torch.cuda.get_device_capability()
-    assert meta["tensorrt_version"] == trt.__version__
-    assert meta["compute_capability"] == f"{major}.{minor}"
+    lib = select_library()
+    assert (meta["library"], meta["library_version"]) == (lib.key, lib.module.__version__)
+    if meta["library"] == "tensorrt":  # built on this GPU, kernels timed here
+        major, minor = torch.cuda.get_device_capability()
+        assert meta["compute_capabilities"] == [f"{major}.{minor}"]
+        assert (out / "timing.cache").stat().st_size > 0
     assert meta["precision"] == precision
     assert meta["stripped"] is False
     assert [t["name"] for t in meta["inputs"]] == ["x", "t", "y", "lq_latent", "degrade_sigma"]
-    assert meta["profile"]["shapes"]["x"] == {"min": [1, 3, 32, 32], "opt": [1, 3, 64, 96], "max": [2, 3, 128, 128]}
+    assert meta["profiles"][0]["shapes"]["x"] == {"min": [1, 3, 32, 32], "opt": [1, 3, 64, 96],
+                                                  "max": [2, 3, 128, 128]}
     data = b"".join(p.read_bytes() for p in sorted(out.glob("model.onnx*")))
     assert meta["onnx_sha256"] == hashlib.sha256(data).hexdigest()
-    assert (out / "timing.cache").stat().st_size > 0
 
 
 @pytest.mark.tensorrt
-@pytest.mark.skipif(not TRT_USABLE, reason=f"needs TensorRT and a CUDA GPU: {TRT_REASON}")
+@needs_engine_gpu
 @pytest.mark.parametrize("cuda_graph", [False, True], ids=["eager", "cuda-graph"])
 def test_engine_decode_matches_golden_sample(tiny_engine, cuda_graph):
     precision, out = tiny_engine
@@ -471,7 +762,7 @@ def test_engine_decode_matches_golden_sample(tiny_engine, cuda_graph):
 
 
 @pytest.mark.tensorrt
-@pytest.mark.skipif(not TRT_USABLE, reason=f"needs TensorRT and a CUDA GPU: {TRT_REASON}")
+@needs_engine_gpu
 def test_engine_refuses_shapes_outside_its_profile(tiny_engine):
     _, out = tiny_engine
     _, g = _golden_net_and_tensors()
@@ -486,16 +777,20 @@ def test_engine_refuses_shapes_outside_its_profile(tiny_engine):
 
 
 @pytest.mark.tensorrt
-@pytest.mark.skipif(not TRT_USABLE, reason=f"needs TensorRT and a CUDA GPU: {TRT_REASON}")
+@needs_engine_gpu
 def test_plan_from_another_tensorrt_or_gpu_is_refused_not_crashed(tiny_engine, tmp_path):
     _, out = tiny_engine
+    rtx = json.loads((out / "engine.json").read_text())["library"] == "rtx"
     for field, value, sentence in (
-            ("tensorrt_version", "9.0.0.1", "engine plan is not compatible with this version of TensorRT"),
-            ("compute_capability", "1.0", "engine plan was generated on an incompatible device")):
+            ("library_version", "9.0.0.1", "built with another TensorRT-RTX version" if rtx else
+             "engine plan is not compatible with this version of TensorRT"),
+            ("compute_capabilities", ["1.0"], "engine plan targets compute capability 1.0" if rtx else
+             "engine plan was generated on an incompatible device")):
         copy = tmp_path / field
         shutil.copytree(out, copy)
         meta = json.loads((copy / "engine.json").read_text())
         meta[field] = value
+        meta["compute_capabilities_source"] = "--compute-capability"
         (copy / "engine.json").write_text(json.dumps(meta))
         with pytest.raises(BackendError, match=sentence):
             TensorRTBackend(copy / "engine.plan")
@@ -503,37 +798,37 @@ def test_plan_from_another_tensorrt_or_gpu_is_refused_not_crashed(tiny_engine, t
     shutil.copytree(out, garbage)
     (garbage / "engine.json").unlink()
     (garbage / "engine.plan").write_bytes(b"ftrt" + bytes(4096))
-    with pytest.raises(BackendError, match="could not be loaded as a TensorRT engine"):
+    with pytest.raises(BackendError, match="could not be loaded as a TensorRT|cannot run here: the file is damaged"):
         TensorRTBackend(garbage / "engine.plan")
 
 
 @pytest.mark.tensorrt
-@pytest.mark.skipif(not TRT_USABLE, reason=f"needs TensorRT and a CUDA GPU: {TRT_REASON}")
+@needs_engine_gpu
 def test_verify_engine_against_pytorch(tiny_engine):
-    from pid_export.engine import verify_engine
+    from pid_export.verify import require_passed, verify_engine
 
     precision, out = tiny_engine
     net, _ = _golden_net_and_tensors()
-    result = verify_engine(out, net=net, log=lambda m: None)
-    assert result.finite
-    assert result.x_shape == [1, 3, 32, 32]  # the profile's smallest size
-    assert result.rel_error < TOLERANCE[precision]
+    results = verify_engine(out, net=net, log=lambda m: None)
+    assert [r.x_shape for r in results] == [[1, 3, 32, 32], [1, 3, 64, 96], [2, 3, 128, 128]]  # min, opt, max
+    assert all(r.finite and r.rel_error < TOLERANCE[precision] for r in results)
+    require_passed(results)
 
 
 @pytest.mark.tensorrt
-@pytest.mark.skipif(not TRT_USABLE, reason=f"needs TensorRT and a CUDA GPU: {TRT_REASON}")
-def test_fp32_engine_verifies_against_onnx_runtime_and_weightless_plan_refits(tmp_path):
-    from pid_export.engine import build_engine, verify_engine
-    from pid_export.onnx_export import export_onnx
+@needs_engine_gpu
+def test_fp32_engine_verifies_against_onnx_runtime_and_weightless_plan_refits(export_root, tmp_path):  # noqa: F811
+    from pid_export.engine import build_engine
+    from pid_export.verify import verify_engine
 
     net, g = _golden_net_and_tensors()
     out = tmp_path / "export"
-    export_onnx(net, out, precision="fp32")
+    shutil.copytree(export_cases([CASE], export_root)[CASE], out)
     profile = EngineProfile.for_config(net.cfg, (32, 32), (64, 96), (128, 128))
     build_engine(out / "model.onnx", out, profile, strip_weights=True, log=lambda m: None)
     assert json.loads((out / "engine.json").read_text())["stripped"] is True
-    result = verify_engine(out, log=lambda m: None)  # ONNX Runtime on model.onnx
-    assert result.reference.startswith("ONNX Runtime") and result.rel_error < TOLERANCE["fp32"]
+    results = verify_engine(out, log=lambda m: None)  # ONNX Runtime on model.onnx
+    assert all(r.reference.startswith("ONNX Runtime") and r.rel_error < TOLERANCE["fp32"] for r in results)
     backend = TensorRTBackend(out / "engine.plan")  # refits the weights from model.onnx
     _bind_golden(backend, g)
     v = backend.velocity(g["x"].to(backend.device), g["t"].to(backend.device))

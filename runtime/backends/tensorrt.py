@@ -1,28 +1,44 @@
-"""TensorRT backend: runs an `engine.plan` built by `pid-export`.
+"""TensorRT backend: runs an `engine.plan` built by `pid-export`, with enterprise TensorRT
+or TensorRT-RTX (whichever built it; see `pid_runtime.trt_library`).
 
-TensorRT is imported lazily, so `pid_runtime` works without it. The checks a
-user meets first (is this file a plan, was it built for this TensorRT and this
-GPU, is a shape inside the engine's profile) are plain functions that need no
-TensorRT: `probe_plan`, `check_plan_compatibility`, `profile_violation`.
+The library is imported lazily, so `pid_runtime` works without one. The checks a
+user meets first (is this file a plan, which library built it, does it fit this
+GPU, is a shape inside one of the engine's profiles) are plain functions that
+need no TensorRT: `probe_plan`, `check_plan_compatibility`, `select_profile`,
+`profile_violation`.
 
-Buffer discipline: per (batch, H, W, text length) the input shapes are set, the
-I/O buffers (torch CUDA tensors) are allocated and their addresses handed to
-TensorRT once; each network call then only copies `t` and runs
-`execute_async_v3`. The sampler keeps x in the bound x buffer (`input_buffer`).
+Buffer discipline: per (profile, batch, H, W, text length) the input shapes are set,
+the I/O buffers (torch CUDA tensors) are allocated and their addresses handed to
+TensorRT once; each network call then only copies `t` and runs `execute_async_v3`.
+The sampler keeps x in the bound x buffer (`input_buffer`). Every method that
+enqueues CUDA work runs with the backend's device current (`--device cuda:1`).
+
+TensorRT-RTX specialises kernels at first run (JIT); those kernels are kept in
+`engine.runtime.cache` beside the plan (written atomically when the engine is
+closed, reused on the next run, ignored with a note when it was made for another
+GPU or library version).
 """
 
 from __future__ import annotations
 
+import functools
 import json
-import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence, TypeVar
 
 import torch
 from torch import Tensor
 
+from ..io import atomic_write
 from ..metadata import INPUT_NAMES, OUTPUT_NAMES, ModelMetadata
 from ..sampler import MAX_STEPS, sample
+from ..trt_library import (
+    RTX,
+    LibraryError,
+    TensorRTLibrary,
+    library_for_plan,
+    rtx_default_targets_include,
+)
 from .base import Backend, BackendError
 
 if TYPE_CHECKING:
@@ -31,61 +47,20 @@ if TYPE_CHECKING:
     from ..cuda_graph import CapturedSampler
     from ..sampler import Noise
 
-MIN_TENSORRT = (10, 14)
-INSTALL_HINT = ("pip install --extra-index-url https://pypi.nvidia.com 'tensorrt>=10.14' "
-                "(needs an NVIDIA GPU)")
 ONNX_FALLBACK = "pid-run can run the export directory's model.onnx with ONNX Runtime instead"
+RUNTIME_CACHE_SUFFIX = ".runtime.cache"
 
 Shape = tuple[int, ...]
+ProfileShapes = dict[str, tuple[Shape, Shape, Shape]]  # input name -> (min, opt, max)
 
 
-# ---------------------------------------------------------------------------
-# Finding TensorRT (no TensorRT needed)
-
-
-def installed_tensorrt_version() -> str | None:
-    """Version of the importable TensorRT, or None.
-
-    `import tensorrt` alone proves nothing: with only `tensorrt-stubs` installed
-    it imports an empty namespace package. A real install has `__version__`.
-    """
+def require_tensorrt(engine_meta: Mapping[str, Any] | None = None, choice: str | None = None,
+                     plan_name: str = "engine plan") -> TensorRTLibrary:
+    """The library that can load this plan; BackendError (one line) when there is none."""
     try:
-        import tensorrt as trt_module
-    except (ImportError, OSError):  # OSError: wheel present but libnvinfer missing
-        return None
-    # Not in the 10.13 stubs, but every real TensorRT wheel sets it.
-    version = getattr(trt_module, "__version__", None)
-    return version if isinstance(version, str) else None
-
-
-def version_tuple(version: str) -> tuple[int, ...]:
-    """'10.14.1.48' -> (10, 14, 1, 48); stops at the first non-numeric part."""
-    parts: list[int] = []
-    for piece in version.split("."):
-        match = re.match(r"\d+", piece)
-        if match is None:
-            break
-        parts.append(int(match.group()))
-    return tuple(parts)
-
-
-def tensorrt_problem(version: str | None) -> str | None:
-    """Why TensorRT `version` (from `installed_tensorrt_version`) cannot be used, or None."""
-    if version is None:
-        return f"TensorRT is not installed: {INSTALL_HINT}"
-    if version_tuple(version)[:2] < MIN_TENSORRT:
-        need = ".".join(map(str, MIN_TENSORRT))
-        return f"TensorRT {version} is too old (need >= {need}): {INSTALL_HINT}"
-    return None
-
-
-def require_tensorrt() -> str:
-    """The installed TensorRT version; BackendError when it is absent or too old."""
-    version = installed_tensorrt_version()
-    problem = tensorrt_problem(version)
-    if problem is not None or version is None:
-        raise BackendError(f"{problem} ({ONNX_FALLBACK})")
-    return version
+        return library_for_plan(engine_meta, choice, plan_name)
+    except LibraryError as exc:
+        raise BackendError(f"{exc} ({ONNX_FALLBACK})") from None
 
 
 # ---------------------------------------------------------------------------
@@ -154,25 +129,83 @@ def load_engine_metadata(plan_path: Path) -> dict[str, Any] | None:
     return data
 
 
-def check_plan_compatibility(engine_meta: Mapping[str, Any], trt_version: str,
-                             compute_capability: str) -> str | None:
-    """The sentence TensorRT would log when refusing this plan here, or None.
+def runtime_cache_path(plan_path: Path) -> Path:
+    """TensorRT-RTX's JIT kernel cache of `engine.plan` is `engine.runtime.cache` beside it."""
+    plan_path = Path(plan_path)
+    return plan_path.with_name(plan_path.stem + RUNTIME_CACHE_SUFFIX)
 
-    A plan runs only on the TensorRT version and GPU compute capability it was
-    built with (TensorRT's own wording: "expecting" is this machine, "got" is
-    the plan). Fields missing from the metadata are not checked.
+
+def built_compute_capabilities(engine_meta: Mapping[str, Any]) -> list[str]:
+    """The compute capabilities a plan targets, from its sidecar (older sidecars: one GPU's)."""
+    listed = engine_meta.get("compute_capabilities")
+    if isinstance(listed, list):
+        return [str(cc) for cc in listed]
+    single = engine_meta.get("compute_capability")
+    return [str(single)] if single else []
+
+
+def check_plan_compatibility(engine_meta: Mapping[str, Any], library: str, library_version: str,
+                             compute_capability: str) -> str | None:
+    """The sentence the library would log when refusing this plan on this GPU, or None.
+
+    Enterprise TensorRT: a plan runs only with the exact library version and the GPU
+    compute capability it was built with (TensorRT's own wording: "expecting" is this
+    machine, "got" the plan). TensorRT-RTX: a plan runs on the compute capabilities it
+    targets (its defaults, or the --compute-capability list it was built for); its
+    version fit is left to `get_engine_validity`. Fields a sidecar lacks are not checked.
     """
-    built_version = engine_meta.get("tensorrt_version")
-    if built_version and str(built_version) != trt_version:
+    targets = built_compute_capabilities(engine_meta)
+    if library == RTX:
+        default = engine_meta.get("compute_capabilities_source", "library default") == "library default"
+        fits = rtx_default_targets_include(compute_capability) if default else compute_capability in targets
+        if targets and not fits:
+            return (f"engine plan targets compute capability {', '.join(targets)} and this GPU is "
+                    f"{compute_capability}: TensorRT-RTX engines run on RTX-class GPUs only (use enterprise "
+                    f"TensorRT on data-centre GPUs: pid-export --trt tensorrt), or rebuild with "
+                    f"--compute-capability {compute_capability}")
+        return None
+    built_version = engine_meta.get("library_version") or engine_meta.get("tensorrt_version")
+    if built_version and str(built_version) != library_version:
         return (f"engine plan is not compatible with this version of TensorRT, expecting library "
-                f"version {trt_version} got {built_version}; rebuild it here with pid-export")
-    built_compute = engine_meta.get("compute_capability")
-    if built_compute and str(built_compute) != compute_capability:
+                f"version {library_version} got {built_version}; rebuild it here with pid-export")
+    if targets and compute_capability not in targets:
         gpu = engine_meta.get("gpu_name")
         built_on = f" ({gpu})" if gpu else ""
         return (f"engine plan was generated on an incompatible device{built_on}, expecting compute "
-                f"{compute_capability} got compute {built_compute}; rebuild it on this GPU with pid-export")
+                f"{compute_capability} got compute {', '.join(targets)}; rebuild it on this GPU with pid-export")
     return None
+
+
+def why_plan_cannot_run_here(plan_path: Path, trt: str | None = None) -> str | None:
+    """Why `plan_path` cannot run on this machine (no library for it, no GPU, a GPU it was
+    not built for), from its sidecar and without deserialising it; None when it may run."""
+    try:
+        engine_meta = load_engine_metadata(plan_path)
+        lib = library_for_plan(engine_meta, trt, Path(plan_path).name)
+    except BackendError as exc:
+        return str(exc)
+    if not torch.cuda.is_available():
+        return f"{lib.label} runs engines on a CUDA GPU and none is visible"
+    if engine_meta is None:
+        return None
+    here = compute_capability_string(torch.device("cuda", torch.cuda.current_device()))
+    return check_plan_compatibility(engine_meta, lib.key, lib.version, here)
+
+
+def describe_invalidity(diagnostics: int, flags: Mapping[str, int]) -> str:
+    """TensorRT-RTX's `get_engine_validity` diagnostics bitmask as words (`flags`: the
+    library's EngineInvalidityDiagnostics names and values)."""
+    words = {
+        "VERSION_MISMATCH": "it was built by another TensorRT-RTX version",
+        "UNSUPPORTED_CC": "it was not built for this GPU's compute capability",
+        "OLD_CUDA_DRIVER": "the CUDA driver is too old",
+        "OLD_CUDA_RUNTIME": "the CUDA runtime is too old",
+        "INSUFFICIENT_GPU_MEMORY": "the GPU has too little memory",
+        "MALFORMED_ENGINE": "the file is damaged or not a TensorRT-RTX plan",
+        "CUDA_ERROR": "CUDA reported an error while checking",
+    }
+    found = [words.get(name, name.lower()) for name, bit in flags.items() if diagnostics & bit]
+    return "; ".join(found) or "no reason was given"
 
 
 def compute_capability_string(device: torch.device) -> str:
@@ -217,20 +250,76 @@ def profile_violation(shapes: Mapping[str, Shape],
     return None
 
 
+def select_profile(shapes: Mapping[str, Shape], profiles: Sequence[Mapping[str, tuple[Shape, Shape, Shape]]]) -> int:
+    """Index of the optimization profile to run `shapes` with; BackendError when none covers them.
+
+    Among the profiles whose [min, max] ranges cover every input, the one whose opt
+    output size (then batch) is nearest, in pixels, wins: its kernels were tuned for
+    the closest shape. With none covering, the nearest profile's violation is reported.
+    """
+    def distance(profile: Mapping[str, tuple[Shape, Shape, Shape]]) -> tuple[int, int]:
+        opt, x = profile["x"][1], shapes["x"]
+        return abs(x[2] - opt[2]) + abs(x[3] - opt[3]), abs(x[0] - opt[0])
+
+    if not profiles:
+        raise BackendError("the engine has no optimization profile")
+    ranked = sorted(range(len(profiles)), key=lambda i: (distance(profiles[i]), i))
+    for index in ranked:
+        ranges = {name: (low, high) for name, (low, _opt, high) in profiles[index].items()}
+        if profile_violation(shapes, ranges) is None:
+            return index
+    union = union_ranges(profiles)
+    problem = profile_violation(shapes, union) or profile_violation(
+        shapes, {name: (low, high) for name, (low, _opt, high) in profiles[ranked[0]].items()})
+    raise BackendError(problem or "no optimization profile of the engine covers these shapes")
+
+
+def union_ranges(profiles: Sequence[Mapping[str, tuple[Shape, Shape, Shape]]]) -> dict[str, tuple[Shape, Shape]]:
+    """Per input: the elementwise smallest min and largest max over all profiles."""
+    union: dict[str, tuple[Shape, Shape]] = {}
+    for profile in profiles:
+        for name, (low, _opt, high) in profile.items():
+            if name in union:
+                old_low, old_high = union[name]
+                low = tuple(min(a, b) for a, b in zip(old_low, low))
+                high = tuple(max(a, b) for a, b in zip(old_high, high))
+            union[name] = (tuple(low), tuple(high))
+    return union
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def on_own_device(method: F) -> F:
+    """Run a TensorRTBackend method with the backend's device current: TensorRT enqueues on
+    the current device's streams and allocates there, so `--device cuda:1` needs it."""
+    @functools.wraps(method)
+    def wrapper(self: "TensorRTBackend", *args: Any, **kwargs: Any) -> Any:
+        with torch.cuda.device(self.device):
+            return method(self, *args, **kwargs)
+
+    wrapper.runs_on_own_device = True  # type: ignore[attr-defined]  # checked by the tests
+    return wrapper  # type: ignore[return-value]
+
+
 # ---------------------------------------------------------------------------
-# TensorRT glue (needs TensorRT)
+# TensorRT glue (needs a library)
 
 
-def recording_logger(errors: list[str], echo: Callable[[str], None] | None = None,
+def recording_logger(lib: TensorRTLibrary, errors: list[str], echo: Callable[[str], None] | None = None,
                      verbose: bool = False) -> "trt.ILogger":
-    """A TensorRT logger that appends error messages to `errors` (the reason
-    behind a None from the builder or runtime) and echoes warnings and errors."""
-    import tensorrt as trt
+    """A logger of `lib` that appends error messages to `errors` (the reason behind a None
+    from the builder or runtime) and echoes warnings and errors."""
+    if TYPE_CHECKING:
+        import tensorrt as trt
+    else:
+        trt = lib.module
 
     error_levels = {trt.ILogger.Severity.ERROR, trt.ILogger.Severity.INTERNAL_ERROR}
     echo_levels = error_levels | {trt.ILogger.Severity.WARNING}
     if verbose:
         echo_levels |= {trt.ILogger.Severity.INFO}
+    label = lib.label
 
     class RecordingLogger(trt.ILogger):
         def __init__(self) -> None:
@@ -240,7 +329,7 @@ def recording_logger(errors: list[str], echo: Callable[[str], None] | None = Non
             if severity in error_levels:
                 errors.append(msg)
             if echo is not None and severity in echo_levels:
-                echo(f"[TensorRT] {msg}")
+                echo(f"[{label}] {msg}")
 
     return RecordingLogger()
 
@@ -253,8 +342,11 @@ def _dims(dims: "trt.Dims") -> Shape:
     return tuple(int(dims[i]) for i in range(len(dims)))
 
 
-def _torch_dtype(dtype: "trt.DataType") -> torch.dtype:
-    import tensorrt as trt
+def _torch_dtype(lib: TensorRTLibrary, dtype: "trt.DataType") -> torch.dtype:
+    if TYPE_CHECKING:
+        import tensorrt as trt
+    else:
+        trt = lib.module
 
     table = {
         trt.DataType.FLOAT: torch.float32,
@@ -272,74 +364,156 @@ def _torch_dtype(dtype: "trt.DataType") -> torch.dtype:
 
 
 class TensorRTBackend(Backend):
-    """One deserialized engine, one execution context, buffers bound per shape.
+    """One deserialized engine, one execution context, buffers bound per shape and profile.
 
-    `cuda_graph=True` makes `sample` capture the whole sampler loop as one CUDA
-    graph per (shape, steps) (see `pid_runtime.cuda_graph`).
+    `cuda_graph=True`: with TensorRT-RTX, its own whole-graph capture (each engine
+    launch captured and replayed by the library); otherwise `sample` captures the
+    whole sampler loop as one CUDA graph per (shape, steps) (`pid_runtime.cuda_graph`).
     """
 
     name = "tensorrt"
 
     def __init__(self, plan_path: str | Path, meta: ModelMetadata | None = None,
                  device: torch.device | str | None = None, *, cuda_graph: bool = False,
-                 log: Callable[[str], None] | None = None):
-        """`meta` defaults to the export's pid_export.json beside the plan;
-        `device` to the current CUDA device; `log` receives TensorRT's warnings."""
+                 log: Callable[[str], None] | None = None, library: str | None = None):
+        """`meta` defaults to the export's pid_export.json beside the plan; `device` to the
+        current CUDA device; `log` receives notes and the library's warnings; `library` asks
+        for one ("tensorrt"/"rtx"; default: $PID_TRT, else the one that built the plan)."""
         plan_path = Path(plan_path)
         problem = probe_plan(plan_path)
         if problem is not None:
             raise BackendError(problem)
-        trt_version = require_tensorrt()
+        engine_meta = load_engine_metadata(plan_path)
+        lib = require_tensorrt(engine_meta, library, plan_path.name)
+        if not torch.cuda.is_available():
+            raise BackendError(f"{lib.label} runs engines on a CUDA GPU and none is visible ({ONNX_FALLBACK})")
         if meta is None:
             from . import load_model_metadata
 
             meta = load_model_metadata(plan_path)
-        if not torch.cuda.is_available():
-            raise BackendError(f"TensorRT needs a CUDA GPU and none is visible ({ONNX_FALLBACK})")
         dev = torch.device(device if device is not None else "cuda")
         if dev.type != "cuda":
-            raise BackendError(f"TensorRT runs on a CUDA device, not {dev}")
+            raise BackendError(f"{lib.label} runs on a CUDA device, not {dev}")
         if dev.index is None:
             dev = torch.device("cuda", torch.cuda.current_device())
         super().__init__(meta, dev)
-
-        engine_meta = load_engine_metadata(plan_path)
+        self.library = lib
+        self._note = log or (lambda message: None)
         if engine_meta is not None:
-            problem = check_plan_compatibility(engine_meta, trt_version, compute_capability_string(dev))
+            problem = check_plan_compatibility(engine_meta, lib.key, lib.version, compute_capability_string(dev))
             if problem is not None:
                 raise BackendError(f"{plan_path}: {problem}")
 
-        import tensorrt as trt
+        if TYPE_CHECKING:
+            import tensorrt as trt
+        else:
+            trt = lib.module
 
         self._errors: list[str] = []
-        self._logger = recording_logger(self._errors, echo=log)
+        self._logger = recording_logger(lib, self._errors, echo=log)
+        self._cache_path = runtime_cache_path(plan_path)
+        self._cache_blob = b""
+        self._runtime_cache: Any = None
         with torch.cuda.device(dev):
+            plan = plan_path.read_bytes()
             self._runtime = trt.Runtime(self._logger)
-            # The stubs say ICudaEngine, but a plan TensorRT rejects gives None.
-            engine: trt.ICudaEngine | None = self._runtime.deserialize_cuda_engine(plan_path.read_bytes())
+            self._check_validity(plan, plan_path, engine_meta)
+            # The stubs say ICudaEngine, but a plan the library rejects gives None.
+            engine: trt.ICudaEngine | None = self._runtime.deserialize_cuda_engine(plan)
+            del plan
             if engine is None:
-                raise BackendError(f"{plan_path} could not be loaded as a TensorRT engine: "
+                raise BackendError(f"{plan_path} could not be loaded as a {lib.label} engine: "
                                    f"{last_errors(self._errors)}")
             if engine_meta is not None and engine_meta.get("stripped"):
                 self._refit(engine, plan_path.parent / str(engine_meta.get("onnx_name", "model.onnx")))
             self._engine = engine
-            self._dtypes, self._ranges = self._read_io(engine)
-            context: trt.IExecutionContext | None = engine.create_execution_context(
-                trt.ExecutionContextAllocationStrategy.USER_MANAGED)
-            if context is None:
-                raise BackendError(f"could not create a TensorRT execution context: {last_errors(self._errors)}")
-            self._context = context
+            self._dtypes, self._profiles = self._read_io(engine)
+            self._library_captures = cuda_graph and lib.has_whole_graph_capture
+            self._context = self._create_context(engine)
             self._stream = torch.cuda.Stream(dev)
         self.cuda_graph = cuda_graph
-        self._shape_key: tuple[Shape, ...] | None = None
+        self._profile_index = 0  # a new context starts on profile 0
+        self._shape_key: tuple[Any, ...] | None = None
         self._buffers: dict[str, Tensor] = {}
         self._activations: Tensor | None = None  # TensorRT's scratch memory, sized per shape
         self._graphs: dict[int, CapturedSampler] = {}  # steps -> captured loop for the bound shape
 
     # -- loading ----------------------------------------------------------
+    def _check_validity(self, plan: bytes, plan_path: Path, engine_meta: Mapping[str, Any] | None) -> None:
+        """TensorRT-RTX's cheap header check (version, compute capability, driver) before
+        deserialising, so a misfit plan gets one sentence instead of a failed load."""
+        lib = self.library
+        if not lib.has_engine_validity:
+            return
+        validity, diagnostics = getattr(self._runtime, "get_engine_validity")(plan)
+        flags = {name: int(value) for name, value in lib.module.EngineInvalidityDiagnostics.__members__.items()}
+        if validity == lib.module.EngineValidity.INVALID:
+            built = (engine_meta or {}).get("library_version")
+            built_text = f" (built with {lib.label} {built}, this is {lib.version})" if built else ""
+            raise BackendError(f"{plan_path} cannot run here: {describe_invalidity(int(diagnostics), flags)}"
+                               f"{built_text}; rebuild it with pid-export")
+        if validity == lib.module.EngineValidity.SUBOPTIMAL:
+            self._note(f"note: {plan_path.name} runs here but not at its best: "
+                       f"{describe_invalidity(int(diagnostics), flags)}")
+
+    def _create_context(self, engine: "trt.ICudaEngine") -> "trt.IExecutionContext":
+        """An execution context whose scratch memory we provide (sized per shape, not for the
+        profile max); with TensorRT-RTX, its runtime cache and whole-graph capture attached."""
+        lib = self.library
+        if TYPE_CHECKING:
+            import tensorrt as trt
+        else:
+            trt = lib.module
+
+        user_managed = trt.ExecutionContextAllocationStrategy.USER_MANAGED
+        if lib.has_runtime_cache or self._library_captures:
+            config = engine.create_runtime_config()
+            config.set_execution_context_allocation_strategy(user_managed)
+            if lib.has_runtime_cache:
+                self._runtime_cache = self._load_runtime_cache(config)
+            if self._library_captures:
+                setattr(config, "cuda_graph_strategy", getattr(trt, "CudaGraphStrategy").WHOLE_GRAPH_CAPTURE)
+            self._runtime_config = config  # must outlive the context
+            context: trt.IExecutionContext | None = engine.create_execution_context(config)
+        else:
+            context = engine.create_execution_context(user_managed)
+        if context is None:
+            raise BackendError(f"could not create an execution context: {last_errors(self._errors)}")
+        return context
+
+    def _load_runtime_cache(self, config: Any) -> Any:
+        cache = config.create_runtime_cache()
+        if self._cache_path.is_file():
+            blob = self._cache_path.read_bytes()
+            if cache.deserialize(blob):
+                self._cache_blob = blob
+            else:
+                self._note(f"note: ignoring {self._cache_path.name}: it was made for another GPU or "
+                           f"{self.library.label} version; kernels are compiled again and the cache rewritten")
+        if not config.set_runtime_cache(cache):
+            self._note(f"note: {self.library.label} did not accept a runtime cache; kernels are compiled each run")
+            return None
+        return cache
+
+    def _save_runtime_cache(self) -> None:
+        """Keep the kernels compiled this run for the next one (only when something changed)."""
+        if self._runtime_cache is None:
+            return
+        blob = bytes(self._runtime_cache.serialize())
+        if not blob or blob == self._cache_blob:
+            return
+        try:
+            atomic_write(self._cache_path, lambda temp: temp.write_bytes(blob))
+            self._cache_blob = blob
+        except OSError as exc:
+            self._note(f"note: cannot keep the runtime cache at {self._cache_path}: {exc.strerror or exc}")
+
     def _refit(self, engine: "trt.ICudaEngine", onnx_path: Path) -> None:
         """Fill a weight-stripped plan with the weights of the ONNX it was built from."""
-        import tensorrt as trt
+        if TYPE_CHECKING:
+            import tensorrt as trt
+        else:
+            trt = self.library.module
 
         if not onnx_path.exists():
             raise BackendError(f"this engine was built without weights; it needs {onnx_path} "
@@ -350,27 +524,34 @@ class TensorRTBackend(Backend):
             raise BackendError(f"could not load the weights of {onnx_path} into the engine: "
                                f"{last_errors(self._errors)}")
 
-    def _read_io(self, engine: "trt.ICudaEngine") -> tuple[dict[str, torch.dtype], dict[str, tuple[Shape, Shape]]]:
-        import tensorrt as trt
+    def _read_io(self, engine: "trt.ICudaEngine") -> tuple[dict[str, torch.dtype], list[ProfileShapes]]:
+        if TYPE_CHECKING:
+            import tensorrt as trt
+        else:
+            trt = self.library.module
 
         names = {engine.get_tensor_name(i) for i in range(engine.num_io_tensors)}
         missing = [n for n in (*INPUT_NAMES, *OUTPUT_NAMES) if n not in names]
         if missing:
             raise BackendError(f"engine is not a PiD export: it lacks tensor(s) {', '.join(missing)}")
-        dtypes = {name: _torch_dtype(engine.get_tensor_dtype(name)) for name in names}
-        ranges: dict[str, tuple[Shape, Shape]] = {}
-        for name in names:
-            if engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT:
-                low, _opt, high = engine.get_tensor_profile_shape(name, 0)
-                ranges[name] = (_dims(low), _dims(high))
-        return dtypes, ranges
+        dtypes = {name: _torch_dtype(self.library, engine.get_tensor_dtype(name)) for name in names}
+        inputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+        profiles: list[ProfileShapes] = []
+        for index in range(engine.num_optimization_profiles):
+            shapes: ProfileShapes = {}
+            for name in inputs:
+                low, opt, high = engine.get_tensor_profile_shape(name, index)
+                shapes[name] = (_dims(low), _dims(opt), _dims(high))
+            profiles.append(shapes)
+        return dtypes, profiles
 
     @property
     def profile_ranges(self) -> dict[str, tuple[Shape, Shape]]:
-        """Per input: (min shape, max shape) of the engine's optimization profile."""
-        return dict(self._ranges)
+        """Per input: (min shape, max shape) over all optimization profiles (what some profile accepts)."""
+        return union_ranges(self._profiles)
 
     # -- binding ----------------------------------------------------------
+    @on_own_device
     def bind(self, y: Tensor, lq_latent: Tensor, degrade_sigma: Tensor, height: int, width: int) -> None:
         batch = int(lq_latent.shape[0])
         shapes: dict[str, Shape] = {
@@ -380,31 +561,34 @@ class TensorRTBackend(Backend):
             "lq_latent": tuple(int(d) for d in lq_latent.shape),
             "degrade_sigma": tuple(int(d) for d in degrade_sigma.shape),
         }
-        problem = profile_violation(shapes, self._ranges)
-        if problem is not None:
-            raise BackendError(problem)
-        key = tuple(shapes[name] for name in INPUT_NAMES)
+        profile = select_profile(shapes, self._profiles)
+        key = (profile, *(shapes[name] for name in INPUT_NAMES))
         if key != self._shape_key:
-            self._allocate(shapes)
+            self._allocate(profile, shapes)
             self._shape_key = key
         self._buffers["y"].copy_(y)
         self._buffers["lq_latent"].copy_(lq_latent)
         self._buffers["degrade_sigma"].copy_(degrade_sigma)
 
-    def _allocate(self, shapes: Mapping[str, Shape]) -> None:
-        """Set input shapes, allocate I/O buffers and scratch memory, hand addresses to TensorRT."""
+    def _allocate(self, profile: int, shapes: Mapping[str, Shape]) -> None:
+        """Switch profile, set input shapes, allocate I/O buffers and scratch memory, hand addresses to TensorRT."""
         self._stream.synchronize()  # old buffers may still be in use by queued work
         self._graphs.clear()
         self._buffers = {}
         self._shape_key = None  # stays unset if anything below fails
         ctx = self._context
+        if profile != self._profile_index:
+            if not ctx.set_optimization_profile_async(profile, self._stream.cuda_stream):
+                raise BackendError(f"could not switch to optimization profile {profile}: {last_errors(self._errors)}")
+            self._stream.synchronize()
+            self._profile_index = profile
         for name, shape in shapes.items():
             if not ctx.set_input_shape(name, shape):
-                raise BackendError(f"TensorRT rejected shape {list(shape)} for input {name}: "
+                raise BackendError(f"the engine rejected shape {list(shape)} for input {name}: "
                                    f"{last_errors(self._errors)}")
         unresolved = ctx.infer_shapes()
         if unresolved:
-            raise BackendError(f"TensorRT could not infer shapes for {', '.join(unresolved)}")
+            raise BackendError(f"the engine could not infer shapes for {', '.join(unresolved)}")
         buffers = {name: torch.empty(shape, dtype=self._dtypes[name], device=self.device)
                    for name, shape in shapes.items()}
         for name in OUTPUT_NAMES:
@@ -412,7 +596,7 @@ class TensorRTBackend(Backend):
             buffers[name] = torch.empty(shape, dtype=self._dtypes[name], device=self.device)
         for name, buffer in buffers.items():
             if not ctx.set_tensor_address(name, buffer.data_ptr()):
-                raise BackendError(f"TensorRT rejected the buffer of {name}: {last_errors(self._errors)}")
+                raise BackendError(f"the engine rejected the buffer of {name}: {last_errors(self._errors)}")
         # Scratch memory for these shapes only, not the profile's max (a 2K decode
         # with a 2K..4K engine should not hold 4K activations).
         needed = ctx.update_device_memory_size_for_shapes()
@@ -426,6 +610,7 @@ class TensorRTBackend(Backend):
         return self._buffers.get("x")
 
     # -- running ----------------------------------------------------------
+    @on_own_device
     def velocity(self, x: Tensor, t: Tensor) -> Tensor:
         """The network output for x, t. It lives in the bound output buffer and is
         overwritten by the next call."""
@@ -450,15 +635,17 @@ class TensorRTBackend(Backend):
             # A caller's stream, or the stream a CUDA graph is being captured on.
             ok = self._context.execute_async_v3(current.cuda_stream)
         if not ok:
-            raise BackendError(f"TensorRT execution failed: {last_errors(self._errors)}")
+            raise BackendError(f"engine execution failed: {last_errors(self._errors)}")
 
+    @on_own_device
     def sample(self, noise: "Tensor | Noise", eps: Sequence[Tensor] | Tensor | None = None, steps: int = MAX_STEPS,
                on_step: Callable[[int, float], None] | None = None, out: Tensor | None = None) -> Tensor:
         """The sampler loop with x kept in the bound buffer (`noise`, `eps`, `out`: see
-        `pid_runtime.sampler.sample`); replayed CUDA graphs, one per step, when `cuda_graph` is set."""
+        `pid_runtime.sampler.sample`). With `cuda_graph`: TensorRT-RTX replays its own captured
+        graph per engine launch; enterprise TensorRT replays one captured CUDA graph per step."""
         if not self._buffers:
             raise BackendError("TensorRTBackend.sample called before bind()")
-        if not self.cuda_graph:
+        if not self.cuda_graph or self._library_captures:
             return sample(self.velocity, noise, eps, steps, x_buffer=self._buffers["x"], on_step=on_step, out=out)
         from ..cuda_graph import CapturedSampler
 
@@ -469,9 +656,11 @@ class TensorRTBackend(Backend):
             self._graphs[steps] = graph
         return graph(noise, eps, on_step=on_step, out=out)
 
+    @on_own_device
     def close(self) -> None:
         if self._buffers:
             self._stream.synchronize()
         self._graphs.clear()
         self._buffers = {}
         self._activations = None
+        self._save_runtime_cache()
