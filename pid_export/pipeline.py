@@ -10,6 +10,7 @@ their own error output. Nothing here parses command lines.
     store_caption   the unconditional caption embedding, when an encoder is available
     build_and_verify  engine.plan (+ --verify against the float32 network)
     run_export      all of the above for one release or custom network
+                    (--precision fp8: fp8_export.export_fp8 replaces export_network)
 """
 
 from __future__ import annotations
@@ -232,6 +233,7 @@ class ExportRequest:
     empty_caption: bool = True
     caption_model: str | None = None
     download_caption_model: bool = True  # fetch a hub caption model that is not cached (unless offline)
+    fp8: Any = None  # fp8_export.Fp8Options for precision "fp8" (None: its defaults)
 
 
 def run_export(request: ExportRequest, log: Log) -> Path:
@@ -253,8 +255,15 @@ def run_export(request: ExportRequest, log: Log) -> Path:
         log("note: --verify applies to the engine, which is not built in this run")
 
     loaded = load_network(request.network, request.release, request.checkpoint, stages)
-    result = export_network(loaded, request.out_dir, request.precision, request.release,
-                            request.static_shape, request.allow_lint_problems, stages)
+    if request.precision == "fp8":
+        from .fp8_export import Fp8Options, export_fp8
+
+        result = export_fp8(loaded, request.out_dir, request.release, request.fp8 or Fp8Options(),
+                            static_shape=request.static_shape, allow_lint_problems=request.allow_lint_problems,
+                            stages=stages)
+    else:
+        result = export_network(loaded, request.out_dir, request.precision, request.release,
+                                request.static_shape, request.allow_lint_problems, stages)
     if request.empty_caption:
         store_caption(result.out_dir, request.network, request.caption_model, stages,
                       download=request.download_caption_model)
