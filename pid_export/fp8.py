@@ -17,17 +17,18 @@ matched to its PidNet module through the exporter's per-node `name_scopes`
 metadata; activation scales come from calibration (`calibration.py`), weight
 scales from the weights.
 
-Which layers (FAQ: "why not everything?"): the policy below quantises only the
-patch blocks' attention projections and SwiGLU MLPs and the pixel blocks'
-compress / attention / expand projections, where the FLOPs are. Kept in the
-base precision, as the issue asks and `pid_export.fp8_sensitivity` measures:
-the pixel blocks' per-pixel MLP (the most sensitive of the block layers, and
-16 -> 64 channel GEMMs that are memory-bound: ~1% of the FLOPs), the adaLN modulation
-(its output scales the whole residual stream: an error there is multiplied,
-not added), the timestep / caption / pixel embedders and the final layer (tiny
-FLOPs, boundary-adjacent), the LQ branch and its gates (convolutions on the
-latent, sigma-dependent gating) and all norms. Attention itself stays in the
-base precision unless `attention=True` (experimental: Q/DQ on its Q, K, V).
+Which layers: the patch blocks' attention projections (qkv, proj) and SwiGLU
+MLPs (w1, w2, w3), for image and text tokens: 58% of the parameters and all of
+the patch blocks' linear FLOPs (SPEC sec. 8). Kept in the base precision, by
+measurement (`python -m pid_export.fp8_sensitivity`: each group quantised
+alone, 4-step decodes vs float32), because each costs more accuracy than it
+saves: the pixel blocks (their layers were the most sensitive of the block
+layers, ~37 dB alone vs 46-53 dB for a patch group, for ~8% of the FLOPs at
+2K and 2% of the weights), the adaLN modulation (34.6 dB alone: its output
+scales and gates the whole residual stream), the embedders and final layer
+(35 dB; tiny FLOPs next to the boundary), the LQ branch and its gates (26.5 dB)
+and all norms. Attention itself stays in the base precision unless
+`attention=True` (experimental: Q/DQ on its Q, K, V).
 """
 
 from __future__ import annotations
@@ -52,8 +53,6 @@ NAME_SCOPES = "pkg.torch.onnx.name_scopes"
 QUANTIZED_LAYERS = (
     r"patch_blocks\.\d+\.attn\.(qkv_x|qkv_y|proj_x|proj_y)",
     r"patch_blocks\.\d+\.mlp_(x|y)\.(w1|w2|w3)",
-    r"pixel_blocks\.\d+\.(compress_to_attn|expand_from_attn)",
-    r"pixel_blocks\.\d+\.attn\.(qkv|proj)",
 )
 ATTENTION_MODULES = (r"patch_blocks\.\d+\.attn", r"pixel_blocks\.\d+\.attn")
 _LAYER_RE = re.compile("|".join(f"(?:{p})" for p in QUANTIZED_LAYERS))
@@ -298,7 +297,7 @@ def save_model(model: onnx.ModelProto, path: Path) -> None:
 def qdq_counts(model: onnx.ModelProto) -> dict[str, int]:
     """Q/DQ placement of a graph: how many of each, and how many MatMuls read an FP8 weight / activation."""
     producers = {out: node for node in model.graph.node for out in node.output}
-    fp8_inits = {i.name for i in model.graph.initializer if i.data_type == TensorProto.FLOAT8E4M3FN}
+    fp8_inits = {i.name for i in model.graph.initializer if i.data_type == TensorProto.FLOAT8E4M3FN and i.dims}
     counts = {"QuantizeLinear": 0, "DequantizeLinear": 0, "fp8_weights": len(fp8_inits),
               "matmul_fp8_weight": 0, "matmul_fp8_input": 0, "attention_fp8_inputs": 0}
     for node in model.graph.node:
@@ -317,6 +316,18 @@ def qdq_counts(model: onnx.ModelProto) -> dict[str, int]:
         if node.op_type == "Attention":
             counts["attention_fp8_inputs"] += sum(from_dq(name) is not None for name in node.input[:3])
     return counts
+
+
+def fp8_targets_problem(capabilities: Iterable[str]) -> str | None:
+    """Why an FP8 engine cannot be built for these compute capabilities ('8.9', 'SM120', ...), or None."""
+    from pid_runtime.precision import precision_problem
+
+    for capability in capabilities:
+        problem = precision_problem("fp8", capability, where="the build target",
+                                    advice="build FP8 engines for 8.9 / 12.0, or export --precision bf16 for it")
+        if problem is not None:
+            return problem
+    return None
 
 
 def graph_layers(model: onnx.ModelProto) -> Iterable[tuple[str, onnx.NodeProto]]:

@@ -53,10 +53,16 @@ def _cap(value: int | None | str, device: torch.device, cpu_default: int) -> int
     return value  # type: ignore[return-value]
 
 
-def prepare_items(net_cfg: Any, release: Any, options: Fp8Options, device: torch.device, say):
+def prepare_items(net: Any, release: Any, options: Fp8Options, device: torch.device, say,
+                  static_shape: tuple[int, int, int] | None = None):
     """(calibration items, held-out items, where the held-out ones came from)."""
+    net_cfg = net.cfg
     sizes = cal.item_sizes(release, net_cfg)
     scale = net_cfg.pixel_scale
+    if static_shape is not None:
+        calibration, held_out, source = prepare_items(net, release, dataclasses.replace(
+            options, max_side=None, guard_max_side=None), device, say)
+        return _static(net, calibration, static_shape), _static(net, held_out, static_shape), source
     calib_side = _cap(options.max_side, device, cal.CPU_MAX_SIDE)
     guard_side = _cap(options.guard_max_side, device, GUARD_CPU_MAX_SIDE)
     if options.calibration_dir is not None:
@@ -82,6 +88,20 @@ def prepare_items(net_cfg: Any, release: Any, options: Fp8Options, device: torch
     return calibration, held_out, source
 
 
+def _static(net: Any, items: list[cal.CalibrationItem], static_shape: tuple[int, int, int]):
+    """Items reshaped to a static export's inputs: its size (latents resized by nearest) and caption length."""
+    from .onnx_export import trace_inputs
+
+    _, height, width = static_shape
+    scale = net.cfg.pixel_scale
+    text_len = trace_inputs(net, batch=1, latent_hw=(height // scale, width // scale))[2].shape[1]
+    out = []
+    for item in items:
+        latents = torch.nn.functional.interpolate(item.latents, size=(height // scale, width // scale), mode="nearest")
+        out.append(cal.CalibrationItem(item.name, latents, item.caption[:, :text_len], item.sigma))
+    return out
+
+
 def export_fp8(loaded: Any, out_dir: Path, release: Any, options: Fp8Options, *,
                static_shape: tuple[int, int, int] | None = None, allow_lint_problems: bool = False,
                stages: Any = None):
@@ -98,7 +118,8 @@ def export_fp8(loaded: Any, out_dir: Path, release: Any, options: Fp8Options, *,
     device = cal.default_device()
     try:
         with stages("preparing FP8 calibration data"):
-            calibration, held_out, held_source = prepare_items(cfg, release, options, device, stages.detail)
+            calibration, held_out, held_source = prepare_items(net, release, options, device, stages.detail,
+                                                               static_shape)
         with stages(f"calibrating FP8 scales on {device.type.upper()} (float32 network, 4-step decodes)"):
             net.to(device)
             recorder = cal.calibrate(net, cfg, calibration, attention=options.attention, seed=options.seed,

@@ -22,18 +22,18 @@ import torch
 from torch import Tensor, nn
 
 from .calibration import AmaxRecorder, CalibrationItem, decode, synthetic_items, torch_velocity
-from .fp8 import FP8_MAX
+from .fp8 import FP8_MAX, quantized_layer_names
 from .accuracy_guard import psnr, rel_error
 
 GROUPS = {
-    # quantised by the policy
+    # quantised by the policy (fp8.QUANTIZED_LAYERS)
     "patch attention qkv": r"patch_blocks\.\d+\.attn\.qkv_[xy]",
     "patch attention proj": r"patch_blocks\.\d+\.attn\.proj_[xy]",
     "patch SwiGLU": r"patch_blocks\.\d+\.mlp_[xy]\.w[123]",
-    "pixel compress/expand": r"pixel_blocks\.\d+\.(compress_to_attn|expand_from_attn)",
-    "pixel attention qkv/proj": r"pixel_blocks\.\d+\.attn\.(qkv|proj)",
-    "pixel MLP": r"pixel_blocks\.\d+\.mlp\.fc[12]",
     # kept in the base precision
+    "pixel compress/expand (kept)": r"pixel_blocks\.\d+\.(compress_to_attn|expand_from_attn)",
+    "pixel attention qkv/proj (kept)": r"pixel_blocks\.\d+\.attn\.(qkv|proj)",
+    "pixel MLP (kept)": r"pixel_blocks\.\d+\.mlp\.fc[12]",
     "adaLN modulation (kept)": r".*adaLN_modulation.*",
     "embedders + final layer (kept)": r"(s_embedder|pixel_embedder|y_embedder|t_embedder\.mlp)\.?.*|final_layer\.linear",
     "LQ branch + gates (kept)": r"lq_proj\..*|pit_lq_gate\..*",
@@ -82,7 +82,7 @@ def sensitivity(net: nn.Module, calibration: Sequence[CalibrationItem], held_out
         for i, item in enumerate(calibration):
             decode(velocity, item, cfg.pixel_scale, seed + 100 + i, device)
     refs = [decode(velocity, item, cfg.pixel_scale, seed + i, device).numpy() for i, item in enumerate(held_out)]
-    policy = [n for g, p in groups.items() if "kept" not in g for n in layers_matching(net, p)]
+    policy = quantized_layer_names(net)
     results = {}
     for group, layers in [*((g, layers_matching(net, p)) for g, p in groups.items()), ("policy (all quantised)", policy)]:
         layers = [n for n in layers if n in recorder.amax]

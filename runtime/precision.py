@@ -21,9 +21,10 @@ def capability_tuple(capability: str) -> tuple[int, int]:
     return int(text[:-1]), int(text[-1])
 
 
-def precision_problem(precision: str | None, capability: str, where: str = "this GPU") -> str | None:
+def precision_problem(precision: str | None, capability: str, where: str = "this GPU",
+                      advice: str = "export with --precision bf16 for it") -> str | None:
     """Why `precision` cannot run on compute capability `capability`, as one sentence; None if it can."""
-    if precision != "fp8" or capability_tuple(capability) >= FP8_MIN_CAPABILITY:
+    major, minor = capability_tuple(capability)
+    if precision != "fp8" or (major, minor) >= FP8_MIN_CAPABILITY:
         return None
-    return (f"FP8 needs Ada or newer (compute capability >= 8.9), and {where} is {capability}; "
-            "export with --precision bf16 for it")
+    return f"FP8 needs Ada or newer (compute capability >= 8.9), and {where} is {major}.{minor}; {advice}"
