@@ -240,44 +240,13 @@ def test_fp8_onnx_in_onnxruntime_at_other_shapes(fp8_export, tmp_path):
 # TensorRT-RTX: FP8 builds CPU-only for Ada + Blackwell, refused for Ampere
 
 
-def _rtx_build(onnx_path: Path, capabilities: list[str], cfg, hw_range) -> tuple[bytes | None, list[str]]:
-    trt = pytest.importorskip("tensorrt_rtx", reason="TensorRT-RTX (tensorrt-rtx-cu13) is not installed")
-    errors: list[str] = []
-
-    class Logger(trt.ILogger):
-        def __init__(self):
-            trt.ILogger.__init__(self)
-
-        def log(self, severity, msg):
-            if severity in (trt.ILogger.Severity.ERROR, trt.ILogger.Severity.INTERNAL_ERROR):
-                errors.append(msg)
-
-    logger = Logger()
-    builder = trt.Builder(logger)
-    network = builder.create_network(0)
-    parser = trt.OnnxParser(network, logger)
-    assert parser.parse_from_file(str(onnx_path)), [str(parser.get_error(i)) for i in range(parser.num_errors)]
-    config = builder.create_builder_config()
-    config.num_compute_capabilities = len(capabilities)
-    for index, capability in enumerate(capabilities):
-        config.set_compute_capability(getattr(trt.ComputeCapability, capability), index)
-    profile = builder.create_optimization_profile()
-    scale, (low, opt, high) = cfg.pixel_scale, hw_range
-    for name, make in {"x": lambda b, hw: (b, 3, *hw), "t": lambda b, hw: (b,),
-                       "y": lambda b, hw: (b, cfg.txt_max_length, cfg.txt_embed_dim),
-                       "lq_latent": lambda b, hw: (b, cfg.lq_latent_channels, hw[0] // scale, hw[1] // scale),
-                       "degrade_sigma": lambda b, hw: (b,)}.items():
-        profile.set_shape(name, make(1, low), make(1, opt), make(2, high))
-    config.add_optimization_profile(profile)
-    plan = builder.build_serialized_network(network, config)
-    return (bytes(plan) if plan is not None else None), errors
-
-
 def test_tensorrt_rtx_builds_fp8_for_ada_and_blackwell_not_ampere(fp8_export):
-    cfg = golden_net(CASE).cfg
-    hw_range = ((64, 64), (64, 96), (128, 128))
-    plan, errors = _rtx_build(fp8_export / "model.onnx", ["SM89", "SM120"], cfg, hw_range)
+    pytest.importorskip("tensorrt_rtx", reason="TensorRT-RTX (tensorrt-rtx-cu13) is not installed")
+    from rtx_build import build_plan, profile_shapes
+
+    shapes = profile_shapes(golden_net(CASE).cfg, (64, 64), (64, 96), (128, 128), max_batch=2)
+    plan, errors = build_plan(fp8_export / "model.onnx", ["SM89", "SM120"], shapes)
     assert plan is not None, errors
-    plan, errors = _rtx_build(fp8_export / "model.onnx", ["SM86"], cfg, hw_range)
+    plan, errors = build_plan(fp8_export / "model.onnx", ["SM86"], shapes)
     assert plan is None
     assert any("sm86" in e and "fp8" in e for e in errors), errors
