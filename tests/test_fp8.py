@@ -147,6 +147,22 @@ def test_guard_passes_calibrated_and_fails_scales_off_by_1000x(static_base):
     assert any("PSNR" in p for p in broken.problems) and any("x the bf16 error" in p for p in broken.problems)
 
 
+def test_experimental_fp8_attention_quantises_q_k_v(static_base, tmp_path):
+    root, base_onnx, _, held_out, references, cfg = static_base
+    net = golden_net(CASE)
+    recorder = calibrate(net, cfg, synthetic_items(cfg, [STATIC_HW], 2, seed=5), attention=True)
+    assert len(recorder.attention) == cfg.patch_depth + cfg.pixel_depth
+    fp8_onnx = tmp_path / "model.onnx"
+    summary = quantize_onnx(base_onnx, fp8_onnx, recorder.amax, "bf16", recorder.attention)
+    assert len(summary.attention) == cfg.patch_depth + cfg.pixel_depth
+    onnx.shape_inference.infer_shapes_path(str(fp8_onnx), str(fp8_onnx))
+    counts = qdq_counts(onnx.load(str(fp8_onnx), load_external_data=False))
+    assert counts["attention_fp8_inputs"] == 3 * (cfg.patch_depth + cfg.pixel_depth)
+    report = run_guard(fp8_onnx, base_onnx, "bf16", held_out, references, cfg.pixel_scale, GuardThresholds(), SEED)
+    print(f"\nFP8 attention (experimental): {report.summary()}")
+    assert report.fp8_rel_error > report.base_rel_error and report.fp8_psnr > 20
+
+
 def test_cli_fp8_guard_failure_writes_nothing(tmp_path, capsys):
     """An unreachable threshold: one error line, exit 2, no export directory (so no engine)."""
     out = tmp_path / "fp8"

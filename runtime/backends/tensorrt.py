@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from ..metadata import INPUT_NAMES, OUTPUT_NAMES, ModelMetadata
+from ..precision import precision_problem
 from ..sampler import MAX_STEPS, sample
 from .base import Backend, BackendError
 
@@ -304,6 +305,10 @@ class TensorRTBackend(Backend):
         super().__init__(meta, dev)
 
         engine_meta = load_engine_metadata(plan_path)
+        precision = (engine_meta or {}).get("precision") or meta.precision
+        problem = precision_problem(precision, compute_capability_string(dev), where=torch.cuda.get_device_name(dev))
+        if problem is not None:  # e.g. an FP8 engine on an Ampere GPU: say so before TensorRT fails
+            raise BackendError(f"{plan_path}: {problem}")
         if engine_meta is not None:
             problem = check_plan_compatibility(engine_meta, trt_version, compute_capability_string(dev))
             if problem is not None:
