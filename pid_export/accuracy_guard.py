@@ -116,7 +116,7 @@ def psnr(image: np.ndarray, reference: np.ndarray, peak_to_peak: float = 2.0) ->
 
 def rel_error(image: np.ndarray, reference: np.ndarray) -> float:
     ref = reference.astype(np.float64)
-    return float(np.linalg.norm(image.astype(np.float64) - ref) / max(np.linalg.norm(ref), 1e-30))
+    return float(np.linalg.norm(image.astype(np.float64) - ref)) / max(float(np.linalg.norm(ref)), 1e-30)
 
 
 # ---------------------------------------------------------------------------

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from .calibration import AmaxRecorder, CalibrationItem, decode, synthetic_items, torch_velocity
 from .fp8 import FP8_MAX, quantized_layer_names
 from .accuracy_guard import psnr, rel_error
+from .network import PidNet
 
 GROUPS = {
     # quantised by the policy (fp8.QUANTIZED_LAYERS)
@@ -70,18 +71,18 @@ def fake_quantized(net: nn.Module, layers: Sequence[str], amax: dict[str, float]
             modules[name].weight.data = weight
 
 
-def sensitivity(net: nn.Module, calibration: Sequence[CalibrationItem], held_out: Sequence[CalibrationItem],
+def sensitivity(net: PidNet, calibration: Sequence[CalibrationItem], held_out: Sequence[CalibrationItem],
                 groups: dict[str, str] = GROUPS, seed: int = 1000) -> dict[str, dict[str, float]]:
     """{group: {"layers", "psnr", "rel_error"}} for each group quantised alone, and all policy groups together."""
-    cfg = net.cfg  # type: ignore[attr-defined]
+    scale = net.cfg.pixel_scale
     device = torch.device("cpu")
     every = sorted({n for p in groups.values() for n in layers_matching(net, p)})
     recorder = AmaxRecorder(net, every)
     velocity = torch_velocity(net, device)
     with recorder.recording():
         for i, item in enumerate(calibration):
-            decode(velocity, item, cfg.pixel_scale, seed + 100 + i, device)
-    refs = [decode(velocity, item, cfg.pixel_scale, seed + i, device).numpy() for i, item in enumerate(held_out)]
+            decode(velocity, item, scale, seed + 100 + i, device)
+    refs = [decode(velocity, item, scale, seed + i, device).numpy() for i, item in enumerate(held_out)]
     policy = quantized_layer_names(net)
     results = {}
     for group, layers in [*((g, layers_matching(net, p)) for g, p in groups.items()), ("policy (all quantised)", policy)]:
@@ -89,7 +90,7 @@ def sensitivity(net: nn.Module, calibration: Sequence[CalibrationItem], held_out
         if not layers:
             continue
         with fake_quantized(net, layers, recorder.amax):
-            images = [decode(velocity, item, cfg.pixel_scale, seed + i, device).numpy()
+            images = [decode(velocity, item, scale, seed + i, device).numpy()
                       for i, item in enumerate(held_out)]
         results[group] = {"layers": len(layers),
                           "psnr": min(psnr(a, b) for a, b in zip(images, refs)),
@@ -109,7 +110,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     height, width = (int(v) for v in args.size.lower().split("x"))
     if args.golden:
         from .checkpoints import load_checkpoint
-        from .network import PidNet
 
         shared = Path(__file__).resolve().parents[1].parent / "shared" / "golden"
         case = json.loads((shared / f"{args.golden}.json").read_text())
