@@ -144,11 +144,12 @@ def widen_model(model: onnx.ModelProto) -> onnx.ModelProto:
             if node.op_type == "DequantizeLinear" and attr.name == "output_dtype" and attr.i in LOW_PRECISION:
                 attr.i = TensorProto.FLOAT
         nodes.append(node)
+        cast_to = next((a.i for a in node.attribute if a.name == "to"), None) if node.op_type == "Cast" else None
         for index, name in enumerate(node.output):
-            low = types.get(name)
+            low = cast_to if cast_to is not None else types.get(name)
             if low not in LOW_PRECISION or not name:
                 continue
-            if node.op_type == "Cast":  # already rounds to `low`; widen its result
+            if cast_to is not None:  # already rounds to `low`; widen its result
                 node.output[index] = f"{name}__low"
                 nodes.append(helper.make_node("Cast", [f"{name}__low"], [name], to=TensorProto.FLOAT))
             else:  # computed in float32 now: round through `low`, then widen

@@ -146,7 +146,7 @@ class _GraphEditor:
             for name in node.input:
                 self.users[name] = self.users.get(name, 0) + 1
         self.new_inits: list[TensorProto] = []
-        self.zero_points: dict[int, str] = {}
+        self.zero_point_name: str | None = None
         self.scales: dict[tuple[float, int], str] = {}
         self.qdq_outputs: dict[tuple[str, str], str] = {}
         self.before: dict[int, list[onnx.NodeProto]] = {}  # node index -> nodes to insert before it
@@ -154,11 +154,11 @@ class _GraphEditor:
         self.dequantize_nodes = 0
 
     def zero_point(self) -> str:
-        if 0 not in self.zero_points:
-            name = "fp8_zero_point"
-            self.new_inits.append(numpy_helper.from_array(np.zeros((), FP8_DTYPE), name))
-            self.zero_points[0] = name
-        return self.zero_points[0]
+        """The one float8e4m3fn zero (its type makes QuantizeLinear produce FP8)."""
+        if self.zero_point_name is None:
+            self.zero_point_name = "fp8_zero_point"
+            self.new_inits.append(numpy_helper.from_array(np.zeros((), FP8_DTYPE), self.zero_point_name))
+        return self.zero_point_name
 
     def scale(self, value: float, dtype: int, prefix: str) -> tuple[str, float]:
         """A scalar scale initializer in `dtype`; returns (name, the value as stored)."""
