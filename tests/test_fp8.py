@@ -21,6 +21,8 @@ from pid_export.accuracy_guard import GuardThresholds, OnnxVelocity, reference_i
 from pid_export.calibration import CalibrationItem, calibrate, synthetic_items
 from pid_export.cli import main as pid_export_main
 from pid_export.fp8 import (
+    QuantizationError,
+    fp8_build_targets,
     fp8_targets_problem,
     graph_layers,
     is_quantized_layer,
@@ -89,6 +91,9 @@ def test_policy_quantises_block_matmuls_only():
 
 def test_fp8_build_targets_and_runtime_gpu_check():
     assert fp8_targets_problem(["SM89", "SM120"]) is None
+    assert fp8_build_targets() == ["8.9", "12.0"] and fp8_build_targets(["SM120"]) == ["SM120"]
+    with pytest.raises(QuantizationError, match="8.6"):
+        fp8_build_targets(["8.9", "8.6"])
     problem = fp8_targets_problem(["8.9", "SM86"])
     assert problem is not None and "8.6" in problem and "Ada" in problem and "\n" not in problem
     assert precision_problem("fp8", "8.6") is not None and "bf16" in precision_problem("fp8", "8.6")
