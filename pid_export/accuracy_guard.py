@@ -35,8 +35,9 @@ from onnx import TensorProto, helper, numpy_helper
 from torch import Tensor
 
 from pid_runtime.metadata import INPUT_NAMES
+from pid_runtime.sampler import NonFiniteError
 
-from .calibration import CalibrationItem, decode, torch_velocity
+from .calibration import CalibrationError, CalibrationItem, decode, torch_velocity
 from .fp8 import save_model
 
 DEFAULT_MIN_PSNR = 35.0
@@ -76,6 +77,7 @@ class GuardReport:
     base_rel_error: float = 0.0
     accepted_loss: bool = False
     held_out: str = ""  # where the held-out inputs came from
+    errors: list[str] = field(default_factory=list)  # e.g. NaN/Inf output of a graph
     method: str = ("4-step decode, same noise; float32 reference: PyTorch; FP8 and base graphs: ONNX Runtime CPU, "
                    "session.disable_quant_qdq, low-precision tensors widened to float32 with a round trip "
                    "through their type after every op")
@@ -86,7 +88,7 @@ class GuardReport:
 
     @property
     def problems(self) -> list[str]:
-        out = []
+        out = list(self.errors)
         if not self.fp8_psnr >= self.thresholds.min_psnr:
             out.append(f"FP8 PSNR {self.fp8_psnr:.1f} dB is below {self.thresholds.min_psnr:g} dB")
         if not self.error_ratio <= self.thresholds.max_error_ratio:
@@ -194,7 +196,11 @@ def reference_images(net: torch.nn.Module, pixel_scale: int, items: Sequence[Cal
     images = []
     for index, item in enumerate(items):
         log(f"float32 reference decode of {item.describe(pixel_scale)}")
-        images.append(decode(velocity, item, pixel_scale, seed + index, device))
+        try:
+            images.append(decode(velocity, item, pixel_scale, seed + index, device))
+        except NonFiniteError as exc:
+            raise CalibrationError(f"the float32 network produced NaN/Inf on held-out item {item.name}: "
+                                   f"{exc}") from None
     return images
 
 
@@ -211,7 +217,11 @@ def run_guard(fp8_onnx: Path, base_onnx: Path, base_precision: str, items: Seque
             decoded[label] = []
             for index, item in enumerate(items):
                 log(f"{label} decode of {item.describe(pixel_scale)} (ONNX Runtime)")
-                decoded[label].append(decode(velocity, item, pixel_scale, seed + index, cpu).numpy())
+                try:
+                    decoded[label].append(decode(velocity, item, pixel_scale, seed + index, cpu).numpy())
+                except NonFiniteError as exc:  # counts as a failed guard, with the reason
+                    report.errors.append(f"the {label} graph produced NaN/Inf on {item.name} ({exc})")
+                    decoded[label].append(np.full(references[index].shape, np.nan, np.float32))
             del velocity
     sq_fp8 = sq_base = sq_ref = 0.0
     pixels = 0

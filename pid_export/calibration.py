@@ -37,7 +37,7 @@ import torch
 from torch import Tensor, nn
 
 from pid_runtime.io import CAPTION_KEYS, INPUT_SUFFIXES, InputError, as_float32, load_caption, load_latents, read_arrays
-from pid_runtime.sampler import MAX_STEPS, draw_noise, sample
+from pid_runtime.sampler import MAX_STEPS, NonFiniteError, draw_noise, sample
 
 from .config import PidConfig
 from .fp8 import attention_module_names, quantized_layer_names
@@ -254,7 +254,11 @@ def calibrate(net: nn.Module, cfg: PidConfig, items: Sequence[CalibrationItem], 
     with recorder.recording():
         for index, item in enumerate(items):
             log(f"calibrating on {item.describe(cfg.pixel_scale)} ({index + 1}/{len(items)}, {MAX_STEPS} steps)")
-            decode(velocity, item, cfg.pixel_scale, seed + index, device)
+            try:
+                decode(velocity, item, cfg.pixel_scale, seed + index, device)
+            except NonFiniteError as exc:
+                raise CalibrationError(f"the float32 network produced NaN/Inf on calibration item {item.name}: "
+                                       f"{exc}") from None
     bad = [name for name, value in recorder.amax.items() if not math.isfinite(value)]
     if bad:
         raise CalibrationError(f"calibration produced NaN/Inf activations in {bad[0]} "
