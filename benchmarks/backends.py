@@ -143,6 +143,11 @@ class RuntimeBackend(BenchBackend):
     def input_buffer(self) -> Tensor | None:
         return self._backend.input_buffer() if self._backend is not None else None
 
+    @property
+    def model_precision(self) -> str | None:
+        """The opened export's own precision (an --engine / --onnx export may be fp8)."""
+        return self._backend.meta.precision if self._backend is not None else None
+
     def close(self) -> None:
         if self._backend is not None:
             self._backend.close()

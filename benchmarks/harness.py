@@ -202,6 +202,8 @@ def run_benchmark(net: PidNet, weights: str, s: Settings,
                 say(f"[{name} {record['output_size']}] ...")
                 try:
                     first = time_backend(backend, inputs, s, record)
+                    # An FP8 (or other) export given with --engine/--onnx gets its own row label.
+                    record["precision"] = getattr(backend, "model_precision", None) or record["precision"]
                     if first is not None:
                         outputs[id(record)] = first
                     say(f"[{name} {record['output_size']}] median {record['latency_ms_median']:.1f} ms per decode, "

@@ -95,6 +95,7 @@ Releases (--backbone / --variant):
 Examples:
   pid-export --backbone sd3 --variant 2kto4k
   pid-export --backbone flux --variant 2k --precision fp16 --out engines/flux-2k
+  pid-export --backbone sd3 --variant 2kto4k --precision fp8 --calibration my-latents/
   pid-export --network-config net.json --checkpoint ft.pth --precision fp32 --onnx-only --out my-export
   pid-export --backbone sd3 --variant 2kto4k --trt rtx --compute-capability 8.9,12.0
   pid-export --demo      # small built-in model, no download: export (+ engine) + one decode
@@ -110,9 +111,24 @@ Examples:
                    "Hugging Face hub (nvidia/PiD), through its normal cache.")
 @click.option("--network-config", type=click.Path(path_type=Path), metavar="FILE.json",
               help="Custom network settings (reference keyword naming); needs --checkpoint.")
-@click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default=DEFAULT_PRECISION,
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16", "fp8"]), default=DEFAULT_PRECISION,
               show_default=True, help="Precision inside the graph (float32 at the boundary). bf16 is "
-                                      "the safe choice at 4K; fp16 may overflow there.")
+                                      "the safe choice at 4K; fp16 may overflow there. fp8: E4M3 transformer "
+                                      "blocks, calibrated, checked by an accuracy guard (Ada / Hopper / "
+                                      "Blackwell GPUs).")
+@click.option("--fp8-base", type=click.Choice(["bf16", "fp16"]), default="bf16", show_default=True,
+              help="fp8: precision of the layers that stay out of FP8.")
+@click.option("--calibration", "calibration_dir", type=click.Path(path_type=Path), metavar="DIR",
+              help="fp8: your latents (+ NAME.caption.npy caption embeddings), the files pid-run reads; "
+                   "a quarter is held out for the accuracy guard. Default: a built-in synthetic set.")
+@click.option("--guard-min-psnr", type=float, default=35.0, show_default=True, metavar="DB",
+              help="fp8: fail unless the FP8 images reach this PSNR vs float32 on held-out inputs.")
+@click.option("--guard-max-error-ratio", type=click.FloatRange(min=0), default=4.0, show_default=True,
+              metavar="X", help="fp8: fail when the FP8 error exceeds X times the base precision's error.")
+@click.option("--accept-accuracy-loss", is_flag=True,
+              help="fp8: keep the export (and build the engine) even when the accuracy guard fails.")
+@click.option("--fp8-attention", is_flag=True,
+              help="fp8, EXPERIMENTAL: attention in FP8 too (Q/DQ on its Q, K, V); not yet checked on a GPU.")
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), metavar="DIR",
               help="Export directory (default: engines/<release>-<precision>/). Replaced whole on success.")
 @click.option("--onnx-only", is_flag=True, help="Stop after the ONNX export.")
@@ -159,7 +175,8 @@ Examples:
               help="Run the whole job on the embedded default: the sd3/2kto4k checkpoint if it is in the "
                    "local cache, else a small built-in model of the real architecture; then decode a "
                    "sample latent with pid-run's runtime.")
-def cli(backbone, variant, checkpoint, network_config, precision, out_dir, onnx_only, want_engine, trt,
+def cli(backbone, variant, checkpoint, network_config, precision, fp8_base, calibration_dir, guard_min_psnr,
+        guard_max_error_ratio, accept_accuracy_loss, fp8_attention, out_dir, onnx_only, want_engine, trt,
         compute_capability, min_hw, opt_hw, max_hw, profiles, max_batch, workspace_gb, strip_weights, verify,
         allow_lint_problems, static_hw, caption_model, no_empty_caption, demo):
     if demo:
@@ -197,16 +214,39 @@ def cli(backbone, variant, checkpoint, network_config, precision, out_dir, onnx_
     engine = _engine_options(min_hw, opt_hw, max_hw, max_batch, profiles, trt, compute_capability, workspace_gb,
                              strip_weights, verify)
     _check_writable(out_dir)
+    fp8 = _fp8_options(precision, fp8_base, calibration_dir, guard_min_psnr, guard_max_error_ratio,
+                       accept_accuracy_loss, fp8_attention)
 
     request = ExportRequest(
         network=network, out_dir=out_dir, release=release, checkpoint=checkpoint, precision=precision,
         static_shape=static_shape, onnx_only=onnx_only, require_engine=want_engine, engine=engine,
-        allow_lint_problems=allow_lint_problems, empty_caption=not no_empty_caption, caption_model=caption_model)
+        allow_lint_problems=allow_lint_problems, empty_caption=not no_empty_caption, caption_model=caption_model,
+        fp8=fp8)
     try:
         export_dir = run_export(request, _say)
     except PipelineError as exc:
         raise UsageProblem(str(exc)) from None
     _say(f"export ready: {export_dir}")
+
+
+def _fp8_options(precision, base, calibration_dir, min_psnr, max_ratio, accept_loss, attention):
+    """Fp8Options for --precision fp8; the fp8-only options are refused with another precision."""
+    from .accuracy_guard import GuardThresholds
+    from .fp8_export import Fp8Options
+
+    context = click.get_current_context()
+    given = [f"--{name.replace('_', '-')}" for name in ("fp8_base", "calibration_dir", "guard_min_psnr",
+                                                      "guard_max_error_ratio", "accept_accuracy_loss", "fp8_attention")
+             if context.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE]
+    if precision != "fp8":
+        if given:
+            raise UsageProblem(f"{given[0].replace('--calibration-dir', '--calibration')} applies to "
+                               "--precision fp8 only")
+        return None
+    if calibration_dir is not None and not calibration_dir.is_dir():
+        raise UsageProblem(f"--calibration {calibration_dir} is not a directory")
+    return Fp8Options(base=base, calibration_dir=calibration_dir, attention=attention,
+                      thresholds=GuardThresholds(min_psnr, max_ratio), accept_accuracy_loss=accept_loss)
 
 
 def main(argv: list[str] | None = None) -> None:

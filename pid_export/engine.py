@@ -18,6 +18,7 @@ Files written next to the ONNX (export directory layout, see pid_runtime.metadat
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import hashlib
 import json
@@ -441,6 +442,7 @@ def build_engine(onnx_path: Path | str, out_dir: Path | str, profiles: EnginePro
         f"({decomposable} float32 ones decomposable: no fused float32 kernel exists)" if decomposable else
         f"parsed in {time.perf_counter() - start:.1f} s: {network.num_layers} layers, {attention} fused attention")
     io = _network_io(network)
+    profiles = [_fixed_text_length(profile, io) for profile in profiles]
     _check_profiles_fit(profiles, io)
 
     config = builder.create_builder_config()
@@ -552,6 +554,15 @@ def _network_io(network: "trt.INetworkDefinition") -> dict[str, list[dict[str, A
 
     return {"inputs": [describe(network.get_input(i)) for i in range(network.num_inputs)],
             "outputs": [describe(network.get_output(i)) for i in range(network.num_outputs)]}
+
+
+def _fixed_text_length(profile: EngineProfile, io: Mapping[str, Any]) -> EngineProfile:
+    """A static export (--static) fixes the caption length it was traced with; its profile
+    takes that length instead of the network's maximum."""
+    y_shape = next((t["shape"] for t in io["inputs"] if t["name"] == "y"), None)
+    if y_shape is None or len(y_shape) != 3 or y_shape[1] < 0:
+        return profile
+    return dataclasses.replace(profile, text_length=y_shape[1], min_text_length=None)
 
 
 def _check_profiles_fit(profiles: Sequence[EngineProfile], io: Mapping[str, Any]) -> None:

@@ -159,9 +159,7 @@ def export_onnx(net: PidNet, out_dir: str | Path, precision: str = "fp32", *, re
         scale = cfg.pixel_scale
         if height % scale or width % scale:
             raise ExportError(f"static size {height}x{width} is not a multiple of the pixel scale {scale}")
-        # Captions are txt_max_length tokens (what pid-run's files and engine profiles hold).
-        args = trace_inputs(net, batch=batch, latent_hw=(height // scale, width // scale), size=(height, width),
-                            text_len=cfg.txt_max_length)
+        args = trace_inputs(net, batch=batch, latent_hw=(height // scale, width // scale), size=(height, width))
         shapes = None
     else:
         args, shapes = trace_inputs(net), dynamic_shapes(net)

@@ -10,6 +10,7 @@ their own error output. Nothing here parses command lines.
     store_caption   the unconditional caption embedding, when an encoder is available
     build_and_verify  engine.plan (+ --verify against the float32 network)
     run_export      all of the above for one release or custom network
+                    (--precision fp8: fp8_export.export_fp8 replaces export_network)
 """
 
 from __future__ import annotations
@@ -184,8 +185,12 @@ def engine_status(library: str | None = None) -> tuple[bool, str]:
     return tensorrt_status(library)
 
 
-def check_engine_options(options: EngineOptions) -> Any:
+def check_engine_options(options: EngineOptions, precision: str | None = None) -> Any:
     """What the engine step will need, checked before any slow work; returns the BuildTarget.
+
+    FP8 engines run on Ada or newer only: TensorRT-RTX then builds for 8.9 and 12.0 unless
+    --compute-capability says otherwise, and any older target (or, for enterprise TensorRT,
+    an older build GPU) is refused.
 
     `--verify` runs the engine, so it needs a GPU the engine can run on. Without one it is
     an error, not a note: the user asked for a checked engine, and a build that ends with
@@ -193,11 +198,18 @@ def check_engine_options(options: EngineOptions) -> Any:
     export and build, with what to do instead.
     """
     from .engine import EngineError, build_target, why_engines_cannot_run_here
+    from .fp8 import FP8_DEFAULT_TARGETS, fp8_targets_problem
 
     try:
         target = build_target(options.library, options.compute_capabilities, options.strip_weights)
+        if precision == "fp8" and target.source == "library default":
+            target = build_target(options.library, FP8_DEFAULT_TARGETS, options.strip_weights)
     except EngineError as exc:
         raise PipelineError(str(exc)) from None
+    if precision == "fp8":
+        problem = fp8_targets_problem(target.compute_capabilities)
+        if problem is not None:
+            raise PipelineError(problem)
     if options.verify:
         targets = None if target.source == "library default" else target.compute_capabilities
         why = why_engines_cannot_run_here(target.library, targets)
@@ -255,7 +267,7 @@ def build_and_verify(export_dir: Path, release: Any, precision: str, options: En
     stages = stages or Stages(lambda message: None)
     meta = ModelMetadata.load(export_dir / MODEL_METADATA)
     try:
-        target = check_engine_options(options)
+        target = check_engine_options(options, precision)
         profiles = profiles_for(meta, release, options)
         sizes = ", ".join(f"{p.min_hw}..{p.max_hw} tuned for {p.opt_hw}" for p in profiles)
         with stages(f"building the {target.library.label} engine ({precision}, {len(profiles)} profile(s): {sizes})"):
@@ -300,6 +312,7 @@ class ExportRequest:
     empty_caption: bool = True
     caption_model: str | None = None
     download_caption_model: bool = True  # fetch a hub caption model that is not cached (unless offline)
+    fp8: Any = None  # fp8_export.Fp8Options for precision "fp8" (None: its defaults)
 
 
 def _engine_plan_ok(request: ExportRequest, log: Log) -> bool:
@@ -307,7 +320,7 @@ def _engine_plan_ok(request: ExportRequest, log: Log) -> bool:
     size range gets no engine (a note) unless --engine demands one."""
     from .engine import EngineError, MissingSizeRange
 
-    target = check_engine_options(request.engine)
+    target = check_engine_options(request.engine, request.precision)
     try:
         profiles = planned_profiles(request.network, request.release, request.engine, request.static_shape)
     except MissingSizeRange as exc:
@@ -342,8 +355,15 @@ def run_export(request: ExportRequest, log: Log) -> Path:
         log("note: --verify applies to the engine, which is not built in this run")
 
     loaded = load_network(request.network, request.release, request.checkpoint, stages)
-    result = export_network(loaded, request.out_dir, request.precision, request.release,
-                            request.static_shape, request.allow_lint_problems, stages)
+    if request.precision == "fp8":
+        from .fp8_export import Fp8Options, export_fp8
+
+        result = export_fp8(loaded, request.out_dir, request.release, request.fp8 or Fp8Options(),
+                            static_shape=request.static_shape, allow_lint_problems=request.allow_lint_problems,
+                            stages=stages)
+    else:
+        result = export_network(loaded, request.out_dir, request.precision, request.release,
+                                request.static_shape, request.allow_lint_problems, stages)
     if request.empty_caption:
         store_caption(result.out_dir, request.network, request.caption_model, stages,
                       download=request.download_caption_model)

@@ -37,7 +37,10 @@ Log = Callable[[str], None]
 # engine's own kernels (fused attention, different accumulation order; fp32 engines use
 # TF32 matmuls by default, an fp16-like 10-bit mantissa) and stays far below the O(1)
 # error of a wrong engine.
-TOLERANCE = {"fp32": 1e-2, "fp16": 1e-2, "bf16": 6e-2}
+# fp8: twice bf16's, from the accuracy guard's held-out decodes (FP8 image error 1.8x bf16's on
+# the tiny lsdf16 network); the guard in ONNX Runtime is the accuracy check, this one catches a
+# broken engine. Not yet measured on a GPU.
+TOLERANCE = {"fp32": 1e-2, "fp16": 1e-2, "bf16": 6e-2, "fp8": 1.2e-1}
 DEFAULT_TOLERANCE = TOLERANCE["bf16"]  # an unknown precision gets the loosest one
 
 

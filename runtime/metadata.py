@@ -38,7 +38,7 @@ class ModelMetadata:
     sr_factor: int
     txt_embed_dim: int
     txt_max_length: int
-    precision: str  # fp32 | fp16 | bf16 (inside the graph; the boundary is float32)
+    precision: str  # fp32 | fp16 | bf16 | fp8 (inside the graph; the boundary is float32)
     # Trained output sizes [[H, W], ...] and the range the export is meant for.
     trained_sizes: list[list[int]] = field(default_factory=list)
     min_size: list[int] | None = None  # [H, W]
@@ -52,6 +52,10 @@ class ModelMetadata:
     versions: dict[str, str] = field(default_factory=dict)
     inputs: list[dict[str, Any]] = field(default_factory=list)
     outputs: list[dict[str, Any]] = field(default_factory=list)
+    # fp8 only: what was quantised and how (base precision, layers, calibration), and
+    # the accuracy guard's report (PSNR / error vs float32 beside the base precision's).
+    quantization: dict[str, Any] | None = None
+    accuracy_guard: dict[str, Any] | None = None
 
     @property
     def pixel_scale(self) -> int:

@@ -31,6 +31,7 @@ from torch import Tensor
 
 from ..io import atomic_write
 from ..metadata import INPUT_NAMES, OUTPUT_NAMES, ModelMetadata
+from ..precision import precision_problem
 from ..sampler import MAX_STEPS, sample
 from ..trt_library import (
     RTX,
@@ -367,8 +368,8 @@ class TensorRTBackend(Backend):
     """One deserialized engine, one execution context, buffers bound per shape and profile.
 
     `cuda_graph=True`: with TensorRT-RTX, its own whole-graph capture (each engine
-    launch captured and replayed by the library); otherwise `sample` captures the
-    whole sampler loop as one CUDA graph per (shape, steps) (`pid_runtime.cuda_graph`).
+    launch captured and replayed by the library); otherwise `sample` replays one captured
+    CUDA graph per step (`pid_runtime.cuda_graph`).
     """
 
     name = "tensorrt"
@@ -399,6 +400,10 @@ class TensorRTBackend(Backend):
         super().__init__(meta, dev)
         self.library = lib
         self._note = log or (lambda message: None)
+        precision = (engine_meta or {}).get("precision") or meta.precision
+        problem = precision_problem(precision, compute_capability_string(dev), where=torch.cuda.get_device_name(dev))
+        if problem is not None:  # e.g. an FP8 engine on an Ampere GPU: say so before the library fails
+            raise BackendError(f"{plan_path}: {problem}")
         if engine_meta is not None:
             problem = check_plan_compatibility(engine_meta, lib.key, lib.version, compute_capability_string(dev))
             if problem is not None:
