@@ -124,13 +124,13 @@ class RuntimeBackend(BenchBackend):
         self.model_path = model_path
         self._backend = None
 
-    def _open(self, path: Path):
+    def _open(self, path: Path, trt: str | None = None):
         try:
             from pid_runtime.backends import BackendError, open_backend
         except ImportError as exc:
             raise BackendSkipped(f"pid_runtime.backends.open_backend is unavailable ({exc})") from None
         try:
-            return open_backend(path, device=self.device)
+            return open_backend(path, device=self.device, trt=trt)
         except BackendError as exc:
             raise BackendSkipped(str(exc)) from None
 
@@ -201,13 +201,20 @@ class OnnxRuntime(RuntimeBackend):
 class TensorRT(RuntimeBackend):
     name = "tensorrt"
 
+    def __init__(self, net: PidNet, device: torch.device, precision: str, model_path: Path | None,
+                 library: str | None = None):
+        """`library`: "tensorrt" | "rtx" (a plan built by the other one is skipped, never timed
+        under this row's name); None: the library that built the plan."""
+        super().__init__(net, device, precision, model_path)
+        self.library = library
+
     def prepare(self, inputs: DecodeInputs) -> None:
         if self.model_path is None:
             raise BackendSkipped("no TensorRT engine given (--engine DIR_OR_PLAN)")
         if self.device.type != "cuda":
             raise BackendSkipped("TensorRT needs a CUDA GPU")
         if self._backend is None:  # one engine serves every size inside its profile
-            self._backend = self._open(self.model_path)
+            self._backend = self._open(self.model_path, self.library)
 
 
 def make_backend(name: str, net: PidNet, device: torch.device, precision: str, *,

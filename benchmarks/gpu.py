@@ -395,7 +395,7 @@ def rows_run(args: argparse.Namespace, device: torch.device, sizes: list[tuple[i
             if args.engine is None:
                 raise BackendSkipped("no engine given (--engine PLAN); building one for the full network takes "
                                      "longer than this lease")
-            return TensorRT(net, device, "bf16", args.engine)
+            return TensorRT(net, device, "bf16", args.engine, library="tensorrt" if kind == "tensorrt" else "rtx")
         return make_trt
 
     plan: list[tuple[Row, dict[str, Any]]] = []

@@ -148,7 +148,7 @@ Examples:
               help="Several optimization profiles, comma-separated, each OPT or MIN:OPT:MAX (HxW), e.g. "
                    "2048x2048,3840x3840; the runtime picks, per decode, the profile covering the size whose "
                    "OPT is nearest. Default: 2kto4k releases get 2048x2048 (up to 2688x2688) and 3840x3840; "
-                   "others one profile.")
+                   "others one profile. Any of --min/--opt/--max instead asks for one profile.")
 @click.option("--max-batch", type=click.IntRange(1, 64), default=1, show_default=True,
               help="Engine profile: largest batch.")
 @click.option("--workspace-gb", type=click.FloatRange(min=0.1), help="TensorRT builder workspace limit.")

@@ -186,15 +186,6 @@ def build_target(library: str | None = None, compute_capabilities: Sequence[str]
     return BuildTarget(lib, requested, "--compute-capability", tuple(names))
 
 
-def require_targets(target: BuildTarget, allowed: Sequence[str], what: str) -> None:
-    """EngineError unless every target of `target` is in `allowed`; for graphs that only some
-    GPUs can run (FP8: `require_targets(t, ("8.9", "12.0"), "FP8 engines")`)."""
-    extra = [cc for cc in target.compute_capabilities if cc not in allowed]
-    if extra:
-        raise EngineError(f"{what} run on compute capability {', '.join(allowed)} only, and this build targets "
-                          f"{', '.join(extra)} ({target.source}): use --compute-capability {','.join(allowed)}")
-
-
 # ---------------------------------------------------------------------------
 # Optimization profile (pure; no TensorRT needed)
 
@@ -626,5 +617,5 @@ def set_aside_rejected(plan_path: Path) -> Path:
 
 __all__ = ["BuildTarget", "EngineError", "EngineProfile", "MissingSizeRange", "ProfileSpec", "build_engine", "build_target",
            "default_profile_specs", "engine_profiles", "mark_fp32_attention_decomposable", "parse_compute_capabilities",
-           "parse_hw", "parse_profiles", "profile_shapes", "require_targets", "set_aside_rejected", "tensorrt_status",
+           "parse_hw", "parse_profiles", "profile_shapes", "set_aside_rejected", "tensorrt_status",
            "why_engines_cannot_run_here", "write_atomic"]

@@ -341,18 +341,6 @@ def fp8_targets_problem(capabilities: Iterable[str]) -> str | None:
 FP8_DEFAULT_TARGETS = ("8.9", "12.0")  # TensorRT-RTX: Ada and Blackwell RTX (no Hopper in RTX)
 
 
-def fp8_build_targets(requested: Iterable[str] | None = None) -> list[str]:
-    """Compute capabilities for a TensorRT-RTX FP8 build: the requested ones, or 8.9 and 12.0.
-
-    Raises QuantizationError (one line) when a requested target predates FP8.
-    """
-    targets = list(requested or FP8_DEFAULT_TARGETS)
-    problem = fp8_targets_problem(targets)
-    if problem is not None:
-        raise QuantizationError(problem)
-    return targets
-
-
 def graph_layers(model: onnx.ModelProto) -> Iterable[tuple[str, onnx.NodeProto]]:
     """(module, node) of every MatMul/Gemm/Conv, for placement checks."""
     for node in model.graph.node:

@@ -90,11 +90,9 @@ def prepare_items(net: Any, release: Any, options: Fp8Options, device: torch.dev
 
 def _static(net: Any, items: list[cal.CalibrationItem], static_shape: tuple[int, int, int]):
     """Items reshaped to a static export's inputs: its size (latents resized by nearest) and caption length."""
-    from .onnx_export import trace_inputs
-
     _, height, width = static_shape
     scale = net.cfg.pixel_scale
-    text_len = trace_inputs(net, batch=1, latent_hw=(height // scale, width // scale))[2].shape[1]
+    text_len = net.cfg.txt_max_length  # a static export's caption length (onnx_export)
     out = []
     for item in items:
         latents = torch.nn.functional.interpolate(item.latents, size=(height // scale, width // scale), mode="nearest")

@@ -159,7 +159,10 @@ def export_onnx(net: PidNet, out_dir: str | Path, precision: str = "fp32", *, re
         scale = cfg.pixel_scale
         if height % scale or width % scale:
             raise ExportError(f"static size {height}x{width} is not a multiple of the pixel scale {scale}")
-        args = trace_inputs(net, batch=batch, latent_hw=(height // scale, width // scale), size=(height, width))
+        # Fixed caption length = the network's maximum: what caption files, the unconditional
+        # caption and pid-run's encoder give (the caption encoder pads to it).
+        args = trace_inputs(net, batch=batch, latent_hw=(height // scale, width // scale), size=(height, width),
+                            text_len=cfg.txt_max_length)
         shapes = None
     else:
         args, shapes = trace_inputs(net), dynamic_shapes(net)

@@ -225,12 +225,17 @@ def profiles_for(meta: Any, release: Any, options: EngineOptions) -> list[Any]:
     size), else the release's default profiles (two for 2kto4k releases)."""
     from .engine import default_profile_specs, engine_profiles
 
+    # A static export (--static) has one size: one profile at it, whatever the release's defaults.
+    fixed = meta.min_size is not None and list(meta.min_size) == list(meta.max_size or [])
     specs = options.profiles
-    if specs is None and (options.min_hw, options.opt_hw, options.max_hw) == (None, None, None):
+    if specs is None and not fixed and (options.min_hw, options.opt_hw, options.max_hw) == (None, None, None):
         specs = default_profile_specs(release)
     opt_hw = options.opt_hw
-    if opt_hw is None and not specs and getattr(release, "opt_size", None) is not None:
-        opt_hw = tuple(release.opt_size)
+    if opt_hw is None and not specs:
+        if fixed:
+            opt_hw = tuple(meta.min_size)
+        elif getattr(release, "opt_size", None) is not None:
+            opt_hw = tuple(release.opt_size)
     return engine_profiles(meta, specs, options.min_hw, opt_hw, options.max_hw, max_batch=options.max_batch)
 
 

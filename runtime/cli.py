@@ -70,8 +70,9 @@ HELP = f"""Decode LDM latents with an exported PiD decoder (4-step pixel diffusi
 \b
 MODEL    a TensorRT engine (.plan/.engine), an ONNX model (.onnx; ONNX Runtime,
          CUDA provider when onnxruntime-gpu and a GPU are present), or an export
-         directory (its engine.plan if present, else its model.onnx). The export's
-         pid_export.json must sit beside the model file.
+         directory (its engine.plan if present and runnable here, else its
+         model.onnx, with a note saying why). The export's pid_export.json must
+         sit beside the model file.
 LATENTS  .npy, .npz or .safetensors, [B,C,h,w] or [C,h,w], float16/float32: the
          LDM's normalised latent (diffusers output_type="latent", unpacked; with
          --pipeline BACKBONE as the pipeline returned it, packed or not).

@@ -52,15 +52,17 @@ class PidDecoder:
     def from_export(cls, path: str | os.PathLike[str], device: str | torch.device | None = "auto",
                     backbone: str | None = None, cuda_graph: bool = False,
                     caption_model: str | os.PathLike[str] | None = None,
-                    notify: Callable[[str], None] | None = None) -> "PidDecoder":
+                    notify: Callable[[str], None] | None = None, trt: str | None = None) -> "PidDecoder":
         """Open an export directory, engine (.plan/.engine) or .onnx as `pid-run` does.
 
         `backbone`: the LDM whose latents it decodes (default: the export's release);
         needed for custom exports given packed latents. `caption_model`: Gemma-2
         encoder for `prompt=` (default $PID_CAPTION_MODEL, else the hub model).
+        `trt`: "tensorrt" | "rtx" for an engine (default: $PID_TRT, else the library that
+        built it). `notify` receives notes, e.g. why a directory's engine is not used here.
         """
-        model_path = preflight(path)
-        backend = open_backend(model_path, device=device, cuda_graph=cuda_graph)
+        model_path = preflight(path, trt, note=notify)
+        backend = open_backend(model_path, device=device, cuda_graph=cuda_graph, trt=trt, log=notify)
         try:
             return cls(backend, model_path, backbone=backbone, caption_model=caption_model, notify=notify)
         except BaseException:
@@ -111,12 +113,13 @@ class PidDecoder:
                caption_embeds: Tensor | np.ndarray | None = None, sigma: float | Sequence[float] | Tensor = 0.0,
                seed: int | None = 0, backbone: str | None = None, height: int | None = None,
                width: int | None = None, bn_stats: Any = None, steps: int = MAX_STEPS,
-               batch_size: int | None = None, output_type: str = "pil") -> Any:
+               batch_size: int | None = None, output_type: str = "pil", size: tuple[int, int] | None = None) -> Any:
         """Decode a pipeline's latents (as `output_type="latent"` returns them) to images.
 
         `height`, `width`: the pipeline's image size (needed for packed latents).
         `sigma`: the scheduler's sigma of the latent (0 for the final one; per item allowed).
         `bn_stats`: for Flux2-Klein's raw latent, `pipe.vae` or a BatchNormStats.
+        `size`: output (height, width) in pixels, as `pid-run --size` (default: the latent's native size).
         No prompt and no caption_embeds: the export's unconditional (empty) caption.
         Returns, like diffusers' image processors: "pil" a list of PIL images,
         "pt" float32 [B,3,H,W] in [0,1], "np" float32 [B,H,W,3] in [0,1].
@@ -127,7 +130,7 @@ class PidDecoder:
         if name is not None:
             lq, sigma = to_training_frame(lq, sigma, name)
         caption = self.caption(lq.shape[0], prompt, caption_embeds)
-        result = decode(self.backend, lq, caption, sigma, seed=seed, steps=steps, batch_size=batch_size)
+        result = decode(self.backend, lq, caption, sigma, seed=seed, steps=steps, batch_size=batch_size, size=size)
         self.last_timings = result.timings
         return postprocess(result.images, output_type)
 

@@ -243,6 +243,13 @@ def atomic_write(target: str | os.PathLike[str], write: Callable[[Path], object]
     return target
 
 
+def _new_file_mode() -> int:
+    """0o666 less the process umask: the mode a plain open(..., "w") would create."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def _write_all_atomically(targets: list[Path], writers: Sequence[Callable[[Path], object]]) -> None:
     """Write each target under a temporary name, then rename them all; on failure leave nothing."""
     temps: list[Path] = []
@@ -254,7 +261,9 @@ def _write_all_atomically(targets: list[Path], writers: Sequence[Callable[[Path]
             os.close(handle)
             temps.append(Path(name))
             write(Path(name))
+        mode = _new_file_mode()
         for temp, target in zip(temps, targets):
+            os.chmod(temp, mode)  # mkstemp makes 0600 files; a written image or plan gets what open() would give
             os.replace(temp, target)
             placed.append(target)
     except BaseException:

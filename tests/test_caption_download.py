@@ -52,6 +52,7 @@ def pid_export(tmp_path, hub: FakeHub | None, *extra: str, offline: bool = False
     return subprocess.run(args, capture_output=True, text=True, env=env, timeout=900), out
 
 
+@pytest.mark.heavy
 def test_export_downloads_the_caption_model_and_stores_the_empty_caption(tiny_gemma, tmp_path):
     repo, expected = tiny_gemma
     with FakeHub(REPO_ID, repo) as hub:
@@ -84,6 +85,7 @@ def test_offline_export_does_not_try_the_hub(tiny_gemma, tmp_path, monkeypatch):
     assert len(lines) == 1 and "HF_HUB_OFFLINE is set" in lines[0] and "--caption-embeds" in lines[0]
 
 
+@pytest.mark.heavy
 def test_failed_download_leaves_a_complete_export_and_one_line(tiny_gemma, tmp_path):
     repo, _ = tiny_gemma
     with FakeHub(REPO_ID, repo, fail_files=("model.safetensors",)) as hub:

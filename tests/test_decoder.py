@@ -127,6 +127,11 @@ def test_decoder_matches_pid_run_and_reuses_its_backend(export_dir, inputs, capf
         assert array.shape == (2, 128, 64, 3) and np.array_equal(array, tensor.permute(0, 2, 3, 1).numpy())
         other = decoder.decode(packed, output_type="pt", **dict(kwargs, seed=6))
         assert not torch.equal(other, tensor)
+        assert pid_run(export_dir, inputs["latent"], "--caption-embeds", inputs["y"], "--sigma", "0,0.3", "--seed",
+                       "5", "--size", "112x64", "--out", out / "sized.npy", capfd=capfd)[0] == 0
+        sized = decoder.decode(packed, output_type="pt", size=(112, 64), **kwargs)  # pid-run --size's equal
+        assert sized.shape == (2, 3, 112, 64)
+        torch.testing.assert_close(sized, (torch.from_numpy(np.load(out / "sized.npy")) + 1) / 2, rtol=0, atol=0)
         assert decoder.backend is backend and backend.session is session  # one session for every decode
         assert decoder.last_timings is not None and decoder.last_timings.total > 0
 

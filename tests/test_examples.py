@@ -113,6 +113,7 @@ def pixels(path: Path) -> np.ndarray:
     return np.asarray(Image.open(path))
 
 
+@pytest.mark.heavy
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_example_decodes_like_pid_run(family, export_root, tmp_path, capfd):  # noqa: F811
     script, backbone, case, build, reference = FAMILIES[family]

@@ -22,8 +22,7 @@ from pid_export.accuracy_guard import GuardThresholds, OnnxVelocity, reference_i
 from pid_export.calibration import CalibrationItem, calibrate, synthetic_items
 from pid_export.cli import main as pid_export_main
 from pid_export.fp8 import (
-    QuantizationError,
-    fp8_build_targets,
+    FP8_DEFAULT_TARGETS,
     fp8_targets_problem,
     graph_layers,
     is_quantized_layer,
@@ -90,11 +89,8 @@ def test_policy_quantises_block_matmuls_only():
     assert is_quantized_layer("patch_blocks.13.mlp_x.w2") and not is_quantized_layer("patch_blocks.0.adaLN_modulation_img.0")
 
 
-def test_fp8_build_targets_and_runtime_gpu_check():
-    assert fp8_targets_problem(["SM89", "SM120"]) is None
-    assert fp8_build_targets() == ["8.9", "12.0"] and fp8_build_targets(["SM120"]) == ["SM120"]
-    with pytest.raises(QuantizationError, match="8.6"):
-        fp8_build_targets(["8.9", "8.6"])
+def test_fp8_targets_and_runtime_gpu_check():
+    assert fp8_targets_problem(["SM89", "SM120"]) is None and fp8_targets_problem(FP8_DEFAULT_TARGETS) is None
     problem = fp8_targets_problem(["8.9", "SM86"])
     assert problem is not None and "8.6" in problem and "Ada" in problem and "\n" not in problem
     assert precision_problem("fp8", "8.6") is not None and "bf16" in precision_problem("fp8", "8.6")
@@ -122,7 +118,7 @@ def static_base(tmp_path_factory):
     cfg = reference.cfg
     calibration = synthetic_items(cfg, [STATIC_HW], 3, seed=0)
     recorder = calibrate(reference, cfg, calibration)
-    text_len = 8  # a static export's caption length (onnx_export.trace_inputs)
+    text_len = cfg.txt_max_length  # a static export's caption length (onnx_export)
     held_out = [CalibrationItem(i.name, i.latents, i.caption[:, :text_len])
                 for i in synthetic_items(cfg, [STATIC_HW], 2, seed=99, prefix="held-out")]
     references = reference_images(reference, cfg.pixel_scale, held_out, SEED, torch.device("cpu"))
@@ -130,6 +126,7 @@ def static_base(tmp_path_factory):
     return root, base.onnx_path, recorder.amax, held_out, references, cfg
 
 
+@pytest.mark.heavy
 def test_guard_passes_calibrated_and_fails_scales_off_by_1000x(static_base):
     """Scales 1000x too small (amax / 1000): activations saturate at +-448 * scale; the guard fails.
     1000x too large scales barely matter to E4M3 (values move ~10 binades down, mostly still normal):
@@ -155,6 +152,7 @@ def test_guard_passes_calibrated_and_fails_scales_off_by_1000x(static_base):
     assert abs(reports["too_large"].fp8_psnr - good.fp8_psnr) < 1.0
 
 
+@pytest.mark.heavy
 def test_experimental_fp8_attention_quantises_q_k_v(static_base, tmp_path):
     root, base_onnx, _, held_out, references, cfg = static_base
     net = golden_net(CASE)
@@ -171,6 +169,7 @@ def test_experimental_fp8_attention_quantises_q_k_v(static_base, tmp_path):
     assert report.fp8_rel_error > report.base_rel_error and report.fp8_psnr > 20
 
 
+@pytest.mark.heavy
 def test_cli_fp8_guard_failure_writes_nothing(tmp_path, capsys):
     """An unreachable threshold: one error line, exit 2, no export directory (so no engine)."""
     out = tmp_path / "fp8"
@@ -211,6 +210,7 @@ def fp8_export(tmp_path_factory):
     return out
 
 
+@pytest.mark.heavy
 def test_fp8_export_graph_placement_dynamic_shapes_lint(fp8_export):
     model = onnx.load(str(fp8_export / "model.onnx"), load_external_data=False)
     net = golden_net(HELD_OUT_CASE)
@@ -246,6 +246,7 @@ def test_fp8_export_graph_placement_dynamic_shapes_lint(fp8_export):
     assert guard["fp8_psnr"] >= 35.0 and guard["error_ratio"] <= 4.0
 
 
+@pytest.mark.heavy
 def test_fp8_onnx_in_onnxruntime_at_other_shapes(fp8_export, tmp_path):
     """Velocity of the FP8 graph (ORT, disable_quant_qdq) vs float32 PyTorch on the golden inputs and at
     shapes unlike the calibration's: above the fp16 floor (quantisation is active), far from garbage."""
@@ -273,6 +274,7 @@ def test_fp8_onnx_in_onnxruntime_at_other_shapes(fp8_export, tmp_path):
 # TensorRT-RTX: FP8 builds CPU-only for Ada + Blackwell, refused for Ampere
 
 
+@pytest.mark.heavy
 def test_tensorrt_rtx_builds_fp8_for_ada_and_blackwell_not_ampere(fp8_export, tmp_path, capsys):
     pytest.importorskip("tensorrt_rtx", reason="TensorRT-RTX (tensorrt-rtx-cu13) is not installed")
     engine = json.loads((fp8_export / "engine.json").read_text())

@@ -115,6 +115,7 @@ def test_lint_catches_what_tensorrt_cannot_run():
 REDUCED_CASE = "tiny_v1pt5_128ch_unpatchify2"  # v1.5: every feature (PiT, per-token gates, unpatchify)
 
 
+@pytest.mark.heavy
 @pytest.mark.parametrize("precision, bound", [("fp16", 1e-2), ("bf16", 5e-2)])
 def test_reduced_precision_export_against_fp32(precision, bound, tmp_path, capsys):
     """fp16 runs in ONNX Runtime's CPU provider; bf16 (no CPU kernels in ORT) in onnx's

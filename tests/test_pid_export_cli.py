@@ -149,3 +149,16 @@ def test_failed_reexport_keeps_the_previous_export(tmp_path):
         export_onnx(net, out, "fp32", static_shape=(1, 64, 96))
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
     assert (out / "model.onnx").read_bytes() == b"previous export"
+
+
+def test_a_static_export_decodes_full_length_captions(tmp_path):
+    """A --static export takes the captions pid-run gives (txt_max_length tokens: files, the
+    unconditional caption, the encoder's padded output), and matches the network there."""
+    case = "tiny_v1_16ch_sr4"
+    net, g = golden_net(case), golden_tensors(case)
+    assert g["y"].shape[1] == net.cfg.txt_max_length
+    export_onnx(golden_net(case), tmp_path / "out", "fp32", static_shape=(1, 64, 96))
+    session = ort.InferenceSession(str(tmp_path / "out" / "model.onnx"), providers=["CPUExecutionProvider"])
+    feeds = {i.name: g[i.name].numpy() for i in session.get_inputs()}
+    (velocity,) = session.run(["velocity"], feeds)
+    assert rel_err(velocity, g["velocity"]) < 1e-4

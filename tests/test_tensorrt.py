@@ -226,6 +226,18 @@ def test_2kto4k_releases_get_a_2k_and_a_4k_profile():
         engine_profiles(_metadata(), parse_profiles("3840x3840"))
 
 
+def test_a_static_release_export_gets_one_profile_at_its_size():
+    """`pid-export --backbone sd3 --variant 2kto4k --static 2048x2048`: not the release's two profiles
+    (whose 3840 opt lies outside a 2048-only export), one at the static size, full-length captions."""
+    from pid_export.pipeline import EngineOptions, planned_profiles
+
+    release = get_release("sd3", "2kto4k")
+    for size in ((2048, 2048), (512, 768)):
+        profiles = planned_profiles(release.network, release, EngineOptions(), (1, *size))
+        assert [(p.min_hw, p.opt_hw, p.max_hw) for p in profiles] == [(size, size, size)]
+        assert profile_shapes(profiles[0])["y"][1] == (1, release.network.txt_max_length, release.network.txt_embed_dim)
+
+
 def _two_profiles() -> list[dict]:
     """What get_tensor_profile_shape reports for the default sd3/2kto4k engine (batch 1..2)."""
     cfg = get_release("sd3", "2kto4k").network
@@ -383,6 +395,9 @@ def test_write_atomic_leaves_no_partial_file(tmp_path):
     write_atomic(target, b"second")
     assert target.read_bytes() == b"second"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["engine.plan"]
+    (tmp_path / "plain").write_bytes(b"")  # the permissions any new file gets here (not mkstemp's 0600)
+    assert target.stat().st_mode == (tmp_path / "plain").stat().st_mode
+    (tmp_path / "plain").unlink()
     with pytest.raises(OSError):
         write_atomic(tmp_path / "missing-dir" / "engine.plan", b"x")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["engine.plan"]
@@ -542,18 +557,21 @@ def test_compute_capability_lists():
 @needs_rtx
 @no_gpu
 def test_build_targets_cpu_only_and_restricted_for_hardware_specific_graphs():
-    from pid_export.engine import build_target, require_targets
+    from pid_export.engine import build_target
+    from pid_export.pipeline import EngineOptions, PipelineError, check_engine_options
 
     default = build_target("rtx")
     assert (default.compute_capabilities, default.source, default.on_gpu) == (
         ("8.0", "8.6", "8.9", "12.0+"), "library default", False)
     fp8 = build_target("rtx", ("8.9", "12.0"))
     assert (fp8.rtx_targets, fp8.source) == (("SM89", "SM120"), "--compute-capability")
-    require_targets(fp8, ("8.9", "12.0"), "FP8 engines")
-    with pytest.raises(EngineError, match=r"^FP8 engines run on compute capability 8\.9, 12\.0 only, and this build "
-                                          r"targets 8\.0, 8\.6, 12\.0\+ \(library default\): use "
-                                          r"--compute-capability 8\.9,12\.0$"):
-        require_targets(default, ("8.9", "12.0"), "FP8 engines")
+    # FP8 (what the export checks before any work): Ada + Blackwell by default, older targets refused.
+    assert check_engine_options(EngineOptions(library="rtx"), "fp8").rtx_targets == ("SM89", "SM120")
+    assert check_engine_options(EngineOptions(library="rtx", compute_capabilities=("12.0",)), "fp8").rtx_targets == (
+        "SM120",)
+    with pytest.raises(PipelineError, match=r"FP8 needs Ada or newer .* 8\.6"):
+        check_engine_options(EngineOptions(library="rtx", compute_capabilities=("8.9", "8.6")), "fp8")
+    assert check_engine_options(EngineOptions(library="rtx"), "bf16").source == "library default"
     with pytest.raises(EngineError, match="--strip-weights with TensorRT-RTX needs a CUDA GPU at build time"):
         build_target("rtx", strip_weights=True)
 

@@ -100,7 +100,9 @@ def check_engine(case: str, precision: str, export_dir: Path, plan: Path, meta: 
 # Every golden case
 
 
-@pytest.mark.parametrize("case", GOLDEN_CASES)
+# The default run builds one case; CI's -m engine_matrix builds the others too.
+@pytest.mark.parametrize("case", [c if c == MAIN else pytest.param(c, marks=pytest.mark.engine_matrix)
+                                  for c in GOLDEN_CASES])
 def test_fp32_engine_builds_cpu_only(case, export_root, tmp_path):  # noqa: F811
     export_dir = export_cases([case], export_root)[case]
     profile = tiny_profile(case)
@@ -248,9 +250,23 @@ def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> N
         assert needle in lines[0], lines[0]
 
 
-def run_bar(tmp_path: Path, precision: str) -> None:
+def held_out_network_args(tmp_path: Path) -> list[str]:
+    """A network no test or tuning used: the v1.5 golden layout with other widths and depths,
+    random weights written in the released checkpoint layout."""
+    from pid_export import PidConfig
+    from pid_export.synthetic import write_synthetic_checkpoint
+
+    settings = dict(golden_case("tiny_v1pt5_16ch")["network"], hidden_size=96, patch_depth=3, pixel_depth=1,
+                    lq_hidden_dim=24, txt_max_length=10)
+    config = tmp_path / "held_out.json"
+    config.write_text(json.dumps(settings))
+    checkpoint = write_synthetic_checkpoint(PidConfig.from_dict(settings), tmp_path / "held_out.pth", seed=7)
+    return ["--network-config", str(config), "--checkpoint", str(checkpoint)]
+
+
+def run_bar(tmp_path: Path, precision: str) -> Path:
     out = tmp_path / "out"
-    proc = pid_export(*network_args(tmp_path), "--precision", precision, "--engine", "--min", "32x32",
+    proc = pid_export(*held_out_network_args(tmp_path), "--precision", precision, "--engine", "--min", "32x32",
                       "--opt", "64x96", "--max", "128x128", "--max-batch", "2", "--no-empty-caption", "--out", str(out))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (out / "engine.plan").stat().st_size > 0
@@ -261,6 +277,7 @@ def run_bar(tmp_path: Path, precision: str) -> None:
                      "built in", f"export ready: {out}"):
         assert progress in proc.stdout, proc.stdout
     assert "timing.cache" not in {p.name for p in out.iterdir()}  # TensorRT-RTX has no kernel timing to cache
+    return out
 
 
 def test_pid_export_builds_a_held_out_fp32_engine_cpu_only(tmp_path):
@@ -270,6 +287,30 @@ def test_pid_export_builds_a_held_out_fp32_engine_cpu_only(tmp_path):
 @pytest.mark.engine_matrix
 def test_pid_export_builds_a_held_out_bf16_engine_cpu_only(tmp_path):
     run_bar(tmp_path, "bf16")
+
+
+def test_pid_run_engine_plan_and_latents_alone_write_a_png(tmp_path):
+    """Issue 14: `pid-run DIR/engine.plan latents.npy`, no other flag, writes latents.png beside the
+    latents (caption: the unconditional one beside the plan). Needs a GPU that runs the plan."""
+    import numpy as np
+    import torch
+
+    from pid_export.engine import why_engines_cannot_run_here
+    from pid_runtime.trt_library import select_library
+
+    why = why_engines_cannot_run_here(select_library("rtx"))
+    if why is not None:
+        pytest.skip(f"the plan is built here but cannot run: {why}")
+    out = run_bar(tmp_path, "bf16")
+    dim = json.loads((tmp_path / "held_out.json").read_text())["txt_embed_dim"]
+    np.save(out / "empty_caption.npy", torch.randn(1, 10, dim).numpy())
+    latents = tmp_path / "latents.npy"
+    np.save(latents, torch.randn(1, 16, 2, 3).numpy())
+    proc = subprocess.run([sys.executable, "-m", "pid_runtime.cli", str(out / "engine.plan"), str(latents)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "latents.png").stat().st_size > 0
+    assert str(tmp_path / "latents.png") in proc.stdout and "unconditional caption" in proc.stdout
 
 
 @pytest.mark.parametrize("extra, needles", [
