@@ -1,27 +1,48 @@
-"""Golden networks exported to ONNX once, cached on disk, shared by the runtime tests.
+"""Golden-network exports made once per test run (and kept between runs), shared by every test.
 
-Each golden case (shared/golden/NAME.json + NAME.pth) is built with PidNet, loaded
-with its checkpoint and exported with `export_onnx` (fp32, dynamic shapes) into
-`<cache>/<key>/<case>/`. Exports take ~1 min each on a small CPU, so they are kept
-in pytest's cache directory between runs; `key` hashes everything an export
-depends on (exporter and network sources, golden files, library versions), so a
-change to any of them produces fresh exports instead of stale ones.
+The API (what a test needs; everything else here is how):
 
-Use the `golden_exports` fixture (all cases, exported two at a time) or
-`export_cases([...])` for just the cases a test needs; `precision="bf16"` / `"fp16"`
-gives the reduced-precision exports (`<case>-<precision>/`, same key), which the
-engine-build tests share. A file lock serialises exporting across pytest-xdist
-workers; the others wait and reuse the result.
+    shared_export(case, precision="fp32", static_shape=None) -> Path
+        The export directory (model.onnx + data + pid_export.json) of golden case `case`
+        (shared/golden/CASE.json + CASE.pth) exported by `export_onnx` at `precision`,
+        dynamic shapes unless `static_shape=(batch, H, W)`. READ ONLY: every test of the
+        run (and every xdist worker) gets the same directory.
+    private_export(case, dest, precision="fp32", static_shape=None) -> Path
+        A copy of that export at `dest` (made from the shared one: copying is cheap, exporting
+        is not), for a test that writes into its export (an engine beside it, a caption, ...).
+    export_cases(cases, root=None, precision="fp32") -> {case: Path}
+        Several cases at once, the missing ones exported POOL_SIZE at a time (older API, kept).
+    Fixtures: `export_root` (sets the cache up; request it, or `golden_exports`, before calling
+    the functions above) and `golden_exports` (every golden case at fp32).
+
+One export per (network config, checkpoint bytes, precision, options, exporter sources): the
+entry `<cache>/<sources key>/<label>-<entry digest>/` is keyed by the modules that decide what an
+export contains (SOURCE_FILES), the library versions, the case's JSON and checkpoint bytes, the
+precision and the options. Changing any of them gives a new entry instead of a stale one (entries
+of older sources are deleted). The cache lives in pytest's cache dir (.pytest_cache/d/pid_golden_onnx),
+so a second run reuses it; CI's two pytest commands share it too.
+
+pytest-xdist: each entry has its own file lock, so two workers export two different graphs at
+the same time and a worker that wants a graph another one is exporting waits for it and reuses it.
+export_onnx writes into a staging directory and moves it into place, so a complete entry is never
+half-written.
+
+Tests about the exporting step itself (its failures, staging, CLI) still export on their own;
+tests that only need a graph use these. Use the smallest golden case that covers the path.
 """
 
 from __future__ import annotations
 
 import fcntl
 import hashlib
+import json
 import multiprocessing
 import shutil
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 import torch
@@ -31,72 +52,134 @@ from conftest import GOLDEN, GOLDEN_CASES, REPO, golden_net, golden_tensors  # n
 CASES = tuple(GOLDEN_CASES)
 POOL_SIZE = 2
 
-# The modules that decide what an export contains (the rest of pid_export does not).
-GRAPH_SOURCES = ("onnx_export.py", "network.py", "config.py", "precision.py")
+# The modules that decide what an export contains (the rest of pid_export does not): the exporter,
+# the network and its config, the precision policy, the lint whose report the export records, and
+# the metadata file format.
+SOURCE_FILES = ("pid_export/onnx_export.py", "pid_export/network.py", "pid_export/config.py",
+                "pid_export/precision.py", "pid_export/onnx_lint.py", "runtime/metadata.py")
 
 _cache_root: Path | None = None
 
 
+@dataclass(frozen=True)
+class ExportRequest:
+    """What determines one export: the golden case (its config and checkpoint), precision, options."""
+
+    case: str
+    precision: str = "fp32"
+    static_shape: tuple[int, int, int] | None = None
+
+    @property
+    def label(self) -> str:
+        precision = "" if self.precision == "fp32" else f"-{self.precision}"
+        static = "" if self.static_shape is None else "-static" + "x".join(map(str, self.static_shape))
+        return f"{self.case}{precision}{static}"
+
+    def digest(self) -> str:
+        """Hash of the case's network config and checkpoint bytes, the precision and the options."""
+        digest = hashlib.sha256()
+        for suffix in (".json", ".pth"):
+            digest.update((GOLDEN / f"{self.case}{suffix}").read_bytes())
+        digest.update(json.dumps([self.precision, self.static_shape]).encode())
+        return digest.hexdigest()[:12]
+
+
 def cache_key() -> str:
-    """Hash of everything an export depends on."""
+    """Hash of the exporter sources and library versions (the part shared by every entry)."""
     import onnx
     import onnxscript
 
     digest = hashlib.sha256()
-    for path in [REPO / "pid_export" / name for name in GRAPH_SOURCES] + [REPO / "runtime" / "metadata.py"]:
-        digest.update(path.name.encode() + path.read_bytes())
-    for case in CASES:
-        for suffix in (".json", ".pth"):
-            digest.update((GOLDEN / f"{case}{suffix}").read_bytes())
+    for name in SOURCE_FILES:
+        digest.update(name.encode() + (REPO / name).read_bytes())
     digest.update(f"{torch.__version__} {onnx.__version__} {onnxscript.__version__}".encode())
     return digest.hexdigest()[:16]
-
-
-def _export_one(case: str, out_dir: str, precision: str = "fp32") -> str:
-    from pid_export.onnx_export import export_onnx
-
-    export_onnx(golden_net(case), out_dir, precision=precision)
-    return case
-
-
-def _export_in_worker(case: str, out_dir: str, precision: str = "fp32") -> str:
-    """Pool worker: one thread each, the pool is the parallelism (the CPU is small and shared)."""
-    torch.set_num_threads(1)
-    return _export_one(case, out_dir, precision)
 
 
 def _is_complete(export_dir: Path) -> bool:
     return (export_dir / "pid_export.json").is_file() and (export_dir / "model.onnx").is_file()
 
 
-def export_cases(cases: list[str] | tuple[str, ...], root: Path | None = None,
-                 precision: str = "fp32") -> dict[str, Path]:
-    """Export directories of `cases` at `precision`, exporting the missing ones (POOL_SIZE at a time)."""
+@contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    with open(path, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+def _entry_dir(root: Path, key: str, request: ExportRequest) -> Path:
+    return root / key / f"{request.label}-{request.digest()}"
+
+
+def _ensure(root: str, key: str, request: ExportRequest) -> str:
+    """Export `request` into its entry unless it is there; the entry's lock makes it once per run."""
+    from pid_export.onnx_export import export_onnx
+
+    entry = _entry_dir(Path(root), key, request)
+    with _locked(entry.with_name(entry.name + ".lock")):
+        if not _is_complete(entry):
+            export_onnx(golden_net(request.case), entry, precision=request.precision,
+                        static_shape=request.static_shape)
+    return str(entry)
+
+
+def _ensure_in_worker(root: str, key: str, request: ExportRequest) -> str:
+    """Pool worker: one thread each, the pool is the parallelism (the CPU is small and shared)."""
+    torch.set_num_threads(1)
+    return _ensure(root, key, request)
+
+
+def _prepared_root(root: Path | None) -> tuple[Path, str]:
+    """The cache root and the current sources key; entries of older sources are removed."""
     root = root or _cache_root
     if root is None:
-        raise RuntimeError("export cache not set up: use the golden_exports / export_root fixtures")
+        raise RuntimeError("export cache not set up: request the export_root (or golden_exports) fixture")
     key = cache_key()
-    base = root / key
-    suffix = "" if precision == "fp32" else f"-{precision}"
-    wanted = {case: base / f"{case}{suffix}" for case in cases}
-    # One exporter at a time across processes (pytest-xdist workers share the cache).
-    with open(root / ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with _locked(root / ".lock"):
         for stale in root.iterdir():  # exports of older sources: never used again
             if stale.is_dir() and stale.name != key:
                 shutil.rmtree(stale, ignore_errors=True)
-        base.mkdir(parents=True, exist_ok=True)
-        missing = [case for case, path in wanted.items() if not _is_complete(path)]
-        if len(missing) == 1:
-            _export_one(missing[0], str(wanted[missing[0]]), precision)
-        elif missing:
-            # spawn: a forked child would inherit torch's thread pools mid-state.
-            context = multiprocessing.get_context("spawn")
-            with ProcessPoolExecutor(max_workers=POOL_SIZE, mp_context=context) as pool:
-                for done in pool.map(_export_in_worker, missing, [str(wanted[c]) for c in missing],
-                                     [precision] * len(missing)):
-                    assert _is_complete(wanted[done]), f"export of {done} is incomplete"
+        (root / key).mkdir(parents=True, exist_ok=True)
+    return root, key
+
+
+def export_many(requests: list[ExportRequest], root: Path | None = None) -> dict[ExportRequest, Path]:
+    """Entry directories of `requests`, the missing ones exported POOL_SIZE at a time."""
+    root, key = _prepared_root(root)
+    wanted = {request: _entry_dir(root, key, request) for request in requests}
+    missing = [request for request, path in wanted.items() if not _is_complete(path)]
+    if len(missing) == 1:
+        _ensure(str(root), key, missing[0])
+    elif missing:
+        # spawn: a forked child would inherit torch's thread pools mid-state.
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(max_workers=POOL_SIZE, mp_context=context) as pool:
+            list(pool.map(_ensure_in_worker, [str(root)] * len(missing), [key] * len(missing), missing))
+    for request, path in wanted.items():
+        assert _is_complete(path), f"export of {request.label} is incomplete"
     return wanted
+
+
+def shared_export(case: str, precision: str = "fp32", static_shape: tuple[int, int, int] | None = None,
+                  root: Path | None = None) -> Path:
+    """The shared export directory of golden `case` (read only: see private_export)."""
+    request = ExportRequest(case, precision, static_shape)
+    return export_many([request], root)[request]
+
+
+def private_export(case: str, dest: Path, precision: str = "fp32",
+                   static_shape: tuple[int, int, int] | None = None, root: Path | None = None) -> Path:
+    """A copy of the shared export at `dest` (which must not exist), for a test that writes into it."""
+    shutil.copytree(shared_export(case, precision, static_shape, root), dest)
+    return dest
+
+
+def export_cases(cases: list[str] | tuple[str, ...], root: Path | None = None,
+                 precision: str = "fp32") -> dict[str, Path]:
+    """Shared export directories of `cases` at `precision` (dynamic shapes), keyed by case."""
+    requests = [ExportRequest(case, precision) for case in cases]
+    exported = export_many(requests, root)
+    return {request.case: exported[request] for request in requests}
 
 
 @pytest.fixture(scope="session")
