@@ -59,6 +59,8 @@ SOURCE_FILES = ("pid_export/onnx_export.py", "pid_export/network.py", "pid_expor
                 "pid_export/precision.py", "pid_export/onnx_lint.py", "runtime/metadata.py")
 
 _cache_root: Path | None = None
+# Entries this process handed out, with their files as they were: checked when the session ends.
+_handed_out: dict[Path, dict[str, tuple[int, int]]] = {}
 
 
 @dataclass(frozen=True)
@@ -94,6 +96,10 @@ def cache_key() -> str:
         digest.update(name.encode() + (REPO / name).read_bytes())
     digest.update(f"{torch.__version__} {onnx.__version__} {onnxscript.__version__}".encode())
     return digest.hexdigest()[:16]
+
+
+def _snapshot(export_dir: Path) -> dict[str, tuple[int, int]]:
+    return {p.name: (p.stat().st_size, p.stat().st_mtime_ns) for p in export_dir.iterdir()}
 
 
 def _is_complete(export_dir: Path) -> bool:
@@ -157,6 +163,7 @@ def export_many(requests: list[ExportRequest], root: Path | None = None) -> dict
             list(pool.map(_ensure_in_worker, [str(root)] * len(missing), [key] * len(missing), missing))
     for request, path in wanted.items():
         assert _is_complete(path), f"export of {request.label} is incomplete"
+        _handed_out.setdefault(path, _snapshot(path))
     return wanted
 
 
@@ -183,15 +190,22 @@ def export_cases(cases: list[str] | tuple[str, ...], root: Path | None = None,
 
 
 @pytest.fixture(scope="session")
-def export_root(request: pytest.FixtureRequest) -> Path:
-    """Persistent cache directory of the golden exports (pytest's cache dir)."""
+def export_root(request: pytest.FixtureRequest) -> Iterator[Path]:
+    """Persistent cache directory of the golden exports (pytest's cache dir); at the end of the
+    session, checks that no test wrote into a shared export."""
     global _cache_root
     cache = getattr(request.config, "cache", None)  # None under -p no:cacheprovider
     if cache is not None:
         _cache_root = Path(cache.mkdir("pid_golden_onnx"))
     else:
         _cache_root = request.getfixturevalue("tmp_path_factory").mktemp("pid_golden_onnx")
-    return _cache_root
+    yield _cache_root
+    # A test that wrote into a shared export would change what every later test (and run) sees:
+    # fail the session and drop the entry, so the next run exports it afresh.
+    changed = [path for path, files in _handed_out.items() if not path.is_dir() or _snapshot(path) != files]
+    for path in changed:
+        shutil.rmtree(path, ignore_errors=True)
+    assert not changed, f"tests wrote into shared exports (use private_export): {[p.name for p in changed]}"
 
 
 @pytest.fixture(scope="session")

@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from conftest import golden_net, golden_tensors, rel_err
+from exports import export_root, shared_export  # noqa: F401 (fixture)
 from pid_export.accuracy_guard import GuardThresholds, OnnxVelocity, reference_images, run_guard
 from pid_export.calibration import CalibrationItem, calibrate, synthetic_items
 from pid_export.cli import main as pid_export_main
@@ -30,7 +31,6 @@ from pid_export.fp8 import (
     quantize_onnx,
     quantized_layer_names,
 )
-from pid_export.onnx_export import export_onnx
 from pid_export.onnx_lint import lint_model
 from pid_export.precision import apply_precision
 from pid_runtime.metadata import ModelMetadata
@@ -111,7 +111,7 @@ def test_old_metadata_without_fp8_fields_still_loads(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def static_base(tmp_path_factory):
+def static_base(tmp_path_factory, export_root):  # noqa: F811
     """(network, bf16 static export, calibration amax, held-out items, float32 reference decodes)."""
     root = tmp_path_factory.mktemp("fp8_guard")
     reference = golden_net(CASE)
@@ -122,8 +122,8 @@ def static_base(tmp_path_factory):
     held_out = [CalibrationItem(i.name, i.latents, i.caption[:, :text_len])
                 for i in synthetic_items(cfg, [STATIC_HW], 2, seed=99, prefix="held-out")]
     references = reference_images(reference, cfg.pixel_scale, held_out, SEED, torch.device("cpu"))
-    base = export_onnx(golden_net(CASE), root / "bf16", "bf16", static_shape=(1, *STATIC_HW))
-    return root, base.onnx_path, recorder.amax, held_out, references, cfg
+    base = shared_export(CASE, "bf16", static_shape=(1, *STATIC_HW))  # read only: FP8 graphs go to root
+    return root, base / "model.onnx", recorder.amax, held_out, references, cfg
 
 
 @pytest.mark.heavy

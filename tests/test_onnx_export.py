@@ -9,8 +9,7 @@ import pytest
 import torch
 
 from conftest import GOLDEN_CASES, golden_net, golden_tensors, rel_err
-from exports import export_root, golden_exports  # noqa: F401  (fixtures)
-from pid_export.onnx_export import export_onnx
+from exports import export_root, golden_exports, shared_export  # noqa: F401  (fixtures)
 from pid_export.onnx_lint import lint_model
 from pid_runtime.metadata import INPUT_NAMES, ModelMetadata
 
@@ -117,13 +116,17 @@ REDUCED_CASE = "tiny_v1pt5_128ch_unpatchify2"  # v1.5: every feature (PiT, per-t
 
 @pytest.mark.heavy
 @pytest.mark.parametrize("precision, bound", [("fp16", 1e-2), ("bf16", 5e-2)])
-def test_reduced_precision_export_against_fp32(precision, bound, tmp_path, capsys):
+def test_reduced_precision_export_against_fp32(precision, bound, export_root, capsys):  # noqa: F811
     """fp16 runs in ONNX Runtime's CPU provider; bf16 (no CPU kernels in ORT) in onnx's
-    reference evaluator. Both against the fp32 PyTorch network, with ~1e3 caption outliers."""
+    reference evaluator. Both against the fp32 PyTorch network, with ~1e3 caption outliers.
+    The export is the shared one (export_onnx at `precision`) that the engine matrix builds too."""
     reference = golden_net(REDUCED_CASE)
-    result = export_onnx(golden_net(REDUCED_CASE), tmp_path / precision, precision)
-    assert result.lint.ok, result.lint.problems
-    model = onnx.load(str(result.onnx_path))
+    onnx_path = shared_export(REDUCED_CASE, precision) / "model.onnx"
+    cfg = reference.cfg
+    lint = lint_model(onnx.load(str(onnx_path), load_external_data=False),
+                      expected_attention=cfg.patch_depth + cfg.pixel_depth)  # what export_onnx checks
+    assert lint.ok, lint.problems
+    model = onnx.load(str(onnx_path))
     float_types = {init.data_type for init in model.graph.initializer if init.dims and len(init.dims) >= 2}
     want_type = onnx.TensorProto.FLOAT16 if precision == "fp16" else onnx.TensorProto.BFLOAT16
     assert want_type in float_types, "matmul weights must be stored in the reduced precision"
@@ -134,7 +137,7 @@ def test_reduced_precision_export_against_fp32(precision, bound, tmp_path, capsy
         with torch.no_grad():
             want = reference(*inputs)
         if precision == "fp16":
-            session = ort.InferenceSession(str(result.onnx_path), providers=["CPUExecutionProvider"])
+            session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
             got = run_onnx(session, inputs)
         else:
             from onnx.reference import ReferenceEvaluator

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from conftest import golden_case, golden_net, golden_tensors, rel_err
+from exports import export_root, shared_export  # noqa: F401 (fixture)
 from pid_export.onnx_export import export_onnx
 from pid_runtime.metadata import INPUT_NAMES, ModelMetadata
 
@@ -151,14 +152,15 @@ def test_failed_reexport_keeps_the_previous_export(tmp_path):
     assert (out / "model.onnx").read_bytes() == b"previous export"
 
 
-def test_a_static_export_decodes_full_length_captions(tmp_path):
+def test_a_static_export_decodes_full_length_captions(export_root):  # noqa: F811
     """A --static export takes the captions pid-run gives (txt_max_length tokens: files, the
-    unconditional caption, the encoder's padded output), and matches the network there."""
+    unconditional caption, the encoder's padded output), and matches the network there.
+    (The shared static export: export_onnx(..., "fp32", static_shape=(1, 64, 96)).)"""
     case = "tiny_v1_16ch_sr4"
     net, g = golden_net(case), golden_tensors(case)
     assert g["y"].shape[1] == net.cfg.txt_max_length
-    export_onnx(golden_net(case), tmp_path / "out", "fp32", static_shape=(1, 64, 96))
-    session = ort.InferenceSession(str(tmp_path / "out" / "model.onnx"), providers=["CPUExecutionProvider"])
+    export_dir = shared_export(case, "fp32", static_shape=(1, 64, 96))
+    session = ort.InferenceSession(str(export_dir / "model.onnx"), providers=["CPUExecutionProvider"])
     feeds = {i.name: g[i.name].numpy() for i in session.get_inputs()}
     (velocity,) = session.run(["velocity"], feeds)
     assert rel_err(velocity, g["velocity"]) < 1e-4
