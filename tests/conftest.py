@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -50,6 +51,23 @@ def rel_err(a, b) -> float:
     a = torch.as_tensor(a).detach().cpu().double()  # engine outputs live on the GPU
     b = torch.as_tensor(b).detach().cpu().double()
     return float((a - b).norm() / b.norm())
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """CPU threads of each test process: the cores shared out among pytest-xdist's workers.
+
+    PyTorch's default (one thread per core in every worker) oversubscribes the CPU under `-n 2`,
+    and its spinning threads then run the small test networks several times slower than one
+    thread each does. An OMP_NUM_THREADS given by the user wins; subprocesses (pid-export,
+    pid-run) inherit it. The xdist controller runs no tests and leaves the environment alone."""
+    worker = getattr(config, "workerinput", None)
+    if worker is None and getattr(config.option, "numprocesses", None):  # the xdist controller
+        return
+    workers = worker["workercount"] if worker else 1
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0)) // workers)))
+    import torch
+
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 @pytest.fixture(scope="session")
