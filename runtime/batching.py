@@ -82,6 +82,7 @@ class Outcome:
 
     image: Tensor | None = None
     error: str | None = None
+    internal: bool = False  # the error is the backend's (a failed network call), not the request's
 
     @property
     def ok(self) -> bool:
@@ -130,7 +131,7 @@ def _decode_group(backend: Backend, items: list[tuple[int, DecodeRequest, Decode
                         seeds=[r.seed for _, r, _ in items])
     except (DecodeError, BackendError, RuntimeError) as exc:
         if len(items) == 1:
-            outcomes[items[0][0]] = Outcome(error=first_line(exc))
+            outcomes[items[0][0]] = Outcome(error=first_line(exc), internal=not isinstance(exc, DecodeError))
             return
         for item in items:
             _decode_group(backend, [item], outcomes)
