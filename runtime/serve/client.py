@@ -29,6 +29,15 @@ class ServeError(RuntimeError):
         self.status, self.message = status, message
 
 
+def _message(body: bytes) -> str:
+    """The server's one-line reason (its JSON "error"), else the start of whatever came back."""
+    text = body.decode(errors="replace")
+    try:
+        return str(json.loads(text)["error"])
+    except (ValueError, KeyError, TypeError):
+        return " ".join(text.split())[:300]
+
+
 @dataclass
 class Client:
     url: str = "http://127.0.0.1:8000"
@@ -47,8 +56,11 @@ class Client:
 
     def info(self) -> dict:
         request = urllib.request.Request(f"{self.url}/v1/info", headers=self._headers())
-        with urllib.request.urlopen(request, timeout=self.timeout_s) as reply:
-            return json.loads(reply.read())
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout_s) as reply:
+                return json.loads(reply.read())
+        except urllib.error.HTTPError as exc:
+            raise ServeError(exc.code, _message(exc.read())) from None
 
     def decode(self, latents: np.ndarray, seed: int, caption: np.ndarray | None = None, sigma: float = 0.0,
                size: tuple[int, int] | None = None, steps: int = 4, output: str = "npy") -> np.ndarray | bytes:
@@ -76,11 +88,7 @@ class Client:
                 with urllib.request.urlopen(request, timeout=self.timeout_s) as reply:
                     return reply.read()
             except urllib.error.HTTPError as exc:
-                text = exc.read().decode(errors="replace")
-                try:
-                    message = json.loads(text)["error"]
-                except (ValueError, KeyError, TypeError):
-                    message = " ".join(text.split())[:300]
+                message = _message(exc.read())
                 if exc.code not in RETRIED_STATUSES or attempt == self.retries:
                     raise ServeError(exc.code, message) from None
                 header = exc.headers.get("Retry-After")
