@@ -129,6 +129,33 @@ def _loopback(ip: str) -> bool:
     return address.is_loopback or (mapped is not None and mapped.is_loopback)
 
 
+def test_host_beyond_loopback_needs_a_token(export_root, tmp_path):  # noqa: F811
+    export = export_cases([CASE])[CASE]
+    proc = subprocess.run(_script("pid-serve", "pid_runtime.serve.cli") + [str(export), "--host", "0.0.0.0"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "--token-file" in proc.stderr
+
+
+def test_write_config_gives_a_valid_serve_config_and_rayservice(export_root, tmp_path):  # noqa: F811
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    export = export_cases([CASE])[CASE]
+    (tmp_path / "token").write_text(TOKEN)
+    proc = subprocess.run(_script("pid-serve", "pid_runtime.serve.cli") + [
+        str(export), "--replicas", "2", "--max-replicas", "4", "--token-file", str(tmp_path / "token"),
+        "--write-config", str(tmp_path / "deploy")], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    config = ServeDeploySchema(**yaml.safe_load((tmp_path / "deploy" / "serve_config.yaml").read_text()))
+    app = config.applications[0]
+    assert app.import_path == "pid_runtime.serve.app:build_app" and app.args["export"] == str(export.resolve())
+    assert config.http_options.host == "127.0.0.1"
+    manifest = yaml.safe_load((tmp_path / "deploy" / "rayservice.yaml").read_text())
+    assert manifest["kind"] == "RayService"
+    inner = ServeDeploySchema(**yaml.safe_load(manifest["spec"]["serveConfigV2"]))
+    assert inner.applications[0].args["token_file"] == str((tmp_path / "token").resolve())
+
+
 def test_prints_url_and_listens_on_loopback_only(service):
     assert service.line.strip().endswith(")") and service.url in service.line
     listening = []

@@ -39,7 +39,7 @@ from .settings import ServeSettings
 logger = logging.getLogger("pid_runtime.serve")
 app = FastAPI(title="pid-serve", docs_url=None, redoc_url=None, openapi_url=None)
 LATENCY_BOUNDARIES = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60]
-BATCH_BOUNDARIES = [1, 2, 4, 8, 16, 32, 64]
+BATCH_BOUNDARIES = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0]
 
 
 def error_response(status: int, message: str, headers: Optional[Dict[str, str]] = None) -> Response:
@@ -87,8 +87,8 @@ class PidDecodeService:
                                               notify=logger.info)
         self.default_caption = self.decoder.unconditional_caption()
         self.limit = batch_limit(self.decoder.backend, settings.max_batch)
-        self.decode_batch.set_max_batch_size(self.limit)
-        self.decode_batch.set_batch_wait_timeout_s(settings.batch_wait_s)
+        self.decode_batch.set_max_batch_size(self.limit)  # type: ignore[attr-defined]  # serve.batch's setters
+        self.decode_batch.set_batch_wait_timeout_s(settings.batch_wait_s)  # type: ignore[attr-defined]
         self.token = token_digest(settings.token_file)
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="pid-decode")  # one batch at a time
         self.waiting = 0  # requests admitted and not yet answered (this replica)
@@ -220,4 +220,5 @@ class PidDecodeService:
 def build_app(args: Dict) -> serve.Application:
     """The application for `serve run` / `serve deploy` (args: ServeSettings fields)."""
     settings = ServeSettings.from_args(dict(args))
-    return PidDecodeService.options(**settings.deployment_options()).bind(settings.as_args())
+    deployment = PidDecodeService.options(**settings.deployment_options())  # type: ignore[attr-defined]
+    return deployment.bind(settings.as_args())

@@ -90,6 +90,8 @@ def serve_command(export: str, port: int, host: str, replicas: int, max_replicas
     if config_dir is not None:
         for path in write_configs(settings, config_dir):
             click.echo(f"{PROG}: wrote {path}")
+        if settings.token_file is None:
+            click.echo(f"{PROG}: no rayservice.yaml without --token-file (a RayService listens beyond loopback)")
         return
     run_service(settings, address, device, ready_timeout)
 

@@ -8,6 +8,7 @@ the same settings run the same application (`pid_runtime.serve.app:build_app`).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -113,15 +114,23 @@ def _yaml(data: Any) -> str:
     return yaml.safe_dump(data, sort_keys=False)
 
 
+def _write_text(path: Path, text: str) -> None:
+    path.write_text(text)
+
+
 def write_configs(settings: ServeSettings, directory: str | Path) -> list[Path]:
-    """Write serve_config.yaml and rayservice.yaml into `directory` (atomically); returns the paths."""
+    """Write serve_config.yaml and rayservice.yaml into `directory` (atomically); returns the paths.
+
+    The RayService listens on its pods' interfaces, so it is written only with a token file
+    (its path inside the pods, e.g. a mounted Secret)."""
     from ..io import atomic_write
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     written = []
-    for name, data in (("serve_config.yaml", serve_config(settings)),
-                       ("rayservice.yaml", rayservice_manifest(settings))):
-        text = _yaml(data)
-        written.append(atomic_write(directory / name, lambda tmp, text=text: tmp.write_text(text)))
+    files = [("serve_config.yaml", serve_config(settings))]
+    if settings.token_file is not None:
+        files.append(("rayservice.yaml", rayservice_manifest(settings)))
+    for name, data in files:
+        written.append(atomic_write(directory / name, functools.partial(_write_text, text=_yaml(data))))
     return written
