@@ -347,8 +347,12 @@ def decode(backend: Backend, latents: Tensor, caption: Tensor, sigma: float | Se
            seed: int | None = 0, steps: int = MAX_STEPS, noise: tuple[Tensor, Tensor] | None = None,
            batch_size: int | None = None,
            on_step: Callable[[int, int, float, float], None] | None = None,
-           size: tuple[int, int] | None = None) -> DecodeResult:
+           size: tuple[int, int] | None = None, seeds: Sequence[int] | None = None) -> DecodeResult:
     """Decode `latents` [B,C,h,w] to images float32 [B,3,H,W] in [-1,1] (on the CPU).
+
+    `seeds` (one per item) gives each item its own noise, drawn as a decode of that item
+    alone with its seed draws it (`pid_runtime.batching.PerItemNoise`): an item's image then
+    does not depend on its batch-mates. Without it, `seed` is the whole batch's reference noise.
 
     `size` = (H, W), multiples of 16 near the latent's aspect ratio; default its native size.
 
@@ -369,6 +373,13 @@ def decode(backend: Backend, latents: Tensor, caption: Tensor, sigma: float | Se
     source: Noise
     if inputs.noise is not None and inputs.eps is not None:
         source = FixedNoise(inputs.noise, inputs.eps[: num_renoise(steps)])
+        used_seed = None
+    elif seeds is not None:
+        from .batching import PerItemNoise
+
+        if len(seeds) != inputs.batch:
+            raise DecodeError(f"{len(seeds)} seeds for {inputs.batch} latents: give one seed per item")
+        source = PerItemNoise(shape, seeds, device)
         used_seed = None
     else:
         if seed is None:

@@ -23,7 +23,8 @@ import torch
 from torch import Tensor
 
 from .backends import Backend, open_backend, preflight
-from .caption import load_encoder, default_caption_model, resolve_caption
+from .batching import DecodeRequest, Outcome, check_request, decode_many
+from .caption import find_empty_caption, load_encoder, default_caption_model, resolve_caption
 from .decode import DecodeTimings, decode
 from .io import pixel_rows
 from .latents import LatentError, backbone_of_release, check_backbone_fits, from_pipeline, to_training_frame
@@ -47,12 +48,14 @@ class PidDecoder:
             check_backbone_fits(backend.meta, self.backbone)
         self.last_timings: DecodeTimings | None = None
         self._encoder: Any = None  # the caption encoder, loaded by the first prompt and kept
+        self._empty_caption: Tensor | None = None
 
     @classmethod
     def from_export(cls, path: str | os.PathLike[str], device: str | torch.device | None = "auto",
                     backbone: str | None = None, cuda_graph: bool = False,
                     caption_model: str | os.PathLike[str] | None = None,
-                    notify: Callable[[str], None] | None = None, trt: str | None = None) -> "PidDecoder":
+                    notify: Callable[[str], None] | None = None, trt: str | None = None,
+                    threads: int | None = None) -> "PidDecoder":
         """Open an export directory, engine (.plan/.engine) or .onnx as `pid-run` does.
 
         `backbone`: the LDM whose latents it decodes (default: the export's release);
@@ -60,9 +63,10 @@ class PidDecoder:
         encoder for `prompt=` (default $PID_CAPTION_MODEL, else the hub model).
         `trt`: "tensorrt" | "rtx" for an engine (default: $PID_TRT, else the library that
         built it). `notify` receives notes, e.g. why a directory's engine is not used here.
+        `threads`: ONNX Runtime's intra-op threads (e.g. a serving replica's share of the cores).
         """
         model_path = preflight(path, trt, note=notify)
-        backend = open_backend(model_path, device=device, cuda_graph=cuda_graph, trt=trt, log=notify)
+        backend = open_backend(model_path, device=device, cuda_graph=cuda_graph, trt=trt, log=notify, threads=threads)
         try:
             return cls(backend, model_path, backbone=backbone, caption_model=caption_model, notify=notify)
         except BaseException:
@@ -113,7 +117,8 @@ class PidDecoder:
                caption_embeds: Tensor | np.ndarray | None = None, sigma: float | Sequence[float] | Tensor = 0.0,
                seed: int | None = 0, backbone: str | None = None, height: int | None = None,
                width: int | None = None, bn_stats: Any = None, steps: int = MAX_STEPS,
-               batch_size: int | None = None, output_type: str = "pil", size: tuple[int, int] | None = None) -> Any:
+               batch_size: int | None = None, output_type: str = "pil", size: tuple[int, int] | None = None,
+               seeds: Sequence[int] | None = None) -> Any:
         """Decode a pipeline's latents (as `output_type="latent"` returns them) to images.
 
         `height`, `width`: the pipeline's image size (needed for packed latents).
@@ -121,6 +126,8 @@ class PidDecoder:
         `bn_stats`: for Flux2-Klein's raw latent, `pipe.vae` or a BatchNormStats.
         `size`: output (height, width) in pixels, as `pid-run --size` (default: the latent's native size).
         No prompt and no caption_embeds: the export's unconditional (empty) caption.
+        `seeds`: one seed per item, each item's noise its own (as if decoded alone with that seed),
+        so an item's image does not depend on its batch-mates; else `seed` is the whole batch's.
         Returns, like diffusers' image processors: "pil" a list of PIL images,
         "pt" float32 [B,3,H,W] in [0,1], "np" float32 [B,H,W,3] in [0,1].
         """
@@ -130,9 +137,26 @@ class PidDecoder:
         if name is not None:
             lq, sigma = to_training_frame(lq, sigma, name)
         caption = self.caption(lq.shape[0], prompt, caption_embeds)
-        result = decode(self.backend, lq, caption, sigma, seed=seed, steps=steps, batch_size=batch_size, size=size)
+        result = decode(self.backend, lq, caption, sigma, seed=seed, steps=steps, batch_size=batch_size, size=size,
+                        seeds=seeds)
         self.last_timings = result.timings
         return postprocess(result.images, output_type)
+
+    def unconditional_caption(self) -> Tensor | None:
+        """The export's empty caption [1,L,D] (what a request without caption embeddings gets);
+        None when the export has none. Read once."""
+        if self._empty_caption is None and find_empty_caption(self.model_path) is not None:
+            self._empty_caption = self.caption(1)[:1].contiguous()
+        return self._empty_caption
+
+    def check_request(self, request: DecodeRequest) -> None:
+        """Cheap validation of one request (network layout) before any work; DecodeError says why."""
+        check_request(self.backend, request, self.unconditional_caption())
+
+    def decode_many(self, requests: Sequence[DecodeRequest], max_batch: int | None = None) -> list[Outcome]:
+        """Decode requests of any shapes, batched where they fit (`pid_runtime.batching.decode_many`):
+        one Outcome per request, in order; a bad request gets its error, the others their images."""
+        return decode_many(self.backend, requests, self.unconditional_caption(), max_batch)
 
     def close(self) -> None:
         """Release the model and the caption encoder."""

@@ -109,11 +109,12 @@ def preflight(path: str | os.PathLike[str], trt: str | None = None,
 
 def open_backend(path: str | os.PathLike[str], device: str | torch.device | None = None,
                  cuda_graph: bool = False, trt: str | None = None,
-                 log: Callable[[str], None] | None = None) -> Backend:
+                 log: Callable[[str], None] | None = None, threads: int | None = None) -> Backend:
     """Open the model at `path` with the backend its kind needs (see the module docstring).
 
     `trt` picks the TensorRT library for an engine (default: the one that built it);
     `log` receives notes (which model file a directory resolved to, runtime-cache notes).
+    `threads`: ONNX Runtime's intra-op threads (TensorRT runs on the GPU and ignores it).
     """
     model_path = preflight(path, trt, log)
     if model_path.suffix.lower() in TENSORRT_SUFFIXES:
@@ -126,4 +127,4 @@ def open_backend(path: str | os.PathLike[str], device: str | torch.device | None
         raise BackendError("--cuda-graph needs a TensorRT engine (.plan); ONNX Runtime models run without it")
     from .onnxruntime import OnnxRuntimeBackend
 
-    return OnnxRuntimeBackend(model_path, device=device)
+    return OnnxRuntimeBackend(model_path, device=device, threads=threads)

@@ -26,7 +26,10 @@ GPU_HINT = "pip install 'pid-export[gpu]' (onnxruntime-gpu)"
 class OnnxRuntimeBackend(Backend):
     name = "onnxruntime"
 
-    def __init__(self, onnx_path: str | os.PathLike[str], device: str | torch.device | None = None):
+    def __init__(self, onnx_path: str | os.PathLike[str], device: str | torch.device | None = None,
+                 threads: int | None = None):
+        """`threads`: ONNX Runtime's intra-op threads (default: its own choice, all cores); a serving
+        replica or batch actor sets its share of the cores so replicas do not oversubscribe them."""
         try:
             import onnxruntime as ort
         except ModuleNotFoundError:
@@ -45,6 +48,11 @@ class OnnxRuntimeBackend(Backend):
 
         options = ort.SessionOptions()
         options.log_severity_level = 3  # errors only: shape-inference chatter would drown the timings
+        if threads is not None:
+            if threads < 1:
+                raise BackendError(f"threads must be at least 1, got {threads}")
+            options.intra_op_num_threads = threads
+            options.inter_op_num_threads = 1
         if run_device.type == "cuda":
             providers: list = [(CUDA_PROVIDER, {"device_id": run_device.index or 0}), "CPUExecutionProvider"]
         else:
