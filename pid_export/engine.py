@@ -31,11 +31,11 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 import torch
 
 from pid_runtime.backends.tensorrt import (
-    check_plan_compatibility,
     compute_capability_string,
     engine_metadata_path,
     last_errors,
     recording_logger,
+    why_engine_cannot_run,
 )
 from pid_runtime.io import atomic_write
 from pid_runtime.metadata import ENGINE_NAME, INPUT_NAMES, MODEL_METADATA, ModelMetadata
@@ -85,17 +85,16 @@ def tensorrt_status(library: str | None = None) -> tuple[bool, str]:
     return True, f"{lib.description} ({how})"
 
 
-def why_engines_cannot_run_here(lib: TensorRTLibrary, targets: Sequence[str] | None = None) -> str | None:
-    """Why an engine of `lib` for `targets` (None: the library's defaults) cannot run on this
-    machine, or None. Cheap: no GPU work beyond asking torch about the device."""
-    if not torch.cuda.is_available():
-        return f"{lib.label} runs engines on a CUDA GPU and none is visible"
-    here = compute_capability_string(torch.device("cuda", torch.cuda.current_device()))
-    if lib.key != RTX:
-        return None  # enterprise TensorRT builds for this very GPU
-    planned = {"compute_capabilities": list(targets or RTX_DEFAULT_TARGETS),
-               "compute_capabilities_source": "library default" if targets is None else "--compute-capability"}
-    return check_plan_compatibility(planned, lib.key, lib.version, here)
+def why_engines_cannot_run_here(lib: TensorRTLibrary, targets: Sequence[str] | None = None,
+                                device: torch.device | str | None = None) -> str | None:
+    """Why an engine of `lib` for `targets` (None: the library's defaults) cannot run on `device`
+    (default: the current CUDA device), or None: the runtime's own check, on what the build
+    will record. Cheap: no GPU work beyond asking torch about the device."""
+    planned = None  # enterprise TensorRT builds for this very GPU
+    if lib.key == RTX:
+        planned = {"compute_capabilities": list(targets or RTX_DEFAULT_TARGETS),
+                   "compute_capabilities_source": "library default" if targets is None else "--compute-capability"}
+    return why_engine_cannot_run(lib, planned, device)
 
 
 # ---------------------------------------------------------------------------
@@ -212,8 +211,10 @@ class EngineProfile:
     free of the latent's (the network aligns the latent), so the latent range is the
     outputs' range in latent cells, rounded outward: floor(min / pixel_scale) to
     ceil(max / pixel_scale).
-    Caption length is fixed at the model's max (the caption encoder pads to it)
-    unless `min_text_length` widens the range.
+    Caption length: any from `min_text_length` (default 1) to the model's max, tuned
+    (opt) at the max, which is what the runtime's own caption encoder produces (it pads to
+    it); `--caption-embeds` with fewer tokens fit too. None fixes it at the max (static
+    exports, traced at one length).
     """
 
     latent_channels: int
@@ -226,12 +227,12 @@ class EngineProfile:
     opt_batch: int = 1
     max_batch: int = 1
     text_length: int = 300
-    min_text_length: int | None = None
+    min_text_length: int | None = 1
     patch_size: int = 16
 
     @classmethod
     def for_config(cls, cfg: PidConfig, min_hw: HW, opt_hw: HW, max_hw: HW, *, max_batch: int = 1,
-                   opt_batch: int = 1, min_text_length: int | None = None) -> "EngineProfile":
+                   opt_batch: int = 1, min_text_length: int | None = 1) -> "EngineProfile":
         profile = cls(latent_channels=cfg.lq_latent_channels, pixel_scale=cfg.pixel_scale,
                       txt_dim=cfg.txt_embed_dim, min_hw=_hw(min_hw), opt_hw=_hw(opt_hw),
                       max_hw=_hw(max_hw), max_batch=max_batch, opt_batch=opt_batch,

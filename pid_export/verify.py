@@ -21,7 +21,7 @@ from typing import Any, Callable, Mapping
 import numpy as np
 import torch
 
-from pid_runtime.backends.base import BackendError
+from pid_runtime.backends.base import BackendError, OutOfDeviceMemory
 from pid_runtime.backends.tensorrt import TensorRTBackend, engine_metadata_path
 from pid_runtime.metadata import ENGINE_NAME, INPUT_NAMES, MODEL_METADATA, ModelMetadata
 
@@ -150,10 +150,11 @@ def verify_engine(engine: Path | str, onnx_path: Path | str | None = None, *, ne
                 else:
                     reference = f"ONNX Runtime ({onnx_file.name})"
                     want = _run_onnxruntime(onnx_file, {n: inputs[n].numpy() for n in INPUT_NAMES})
-            except torch.OutOfMemoryError:
+            except (torch.OutOfMemoryError, OutOfDeviceMemory):  # the reference's, or the engine's buffers
                 if not label.startswith("max"):
                     raise EngineError(f"out of GPU memory verifying the engine at {label} "
-                                      f"{batch}x3x{height}x{width}") from None
+                                      f"{batch}x3x{height}x{width}: free the GPU, or build with a smaller "
+                                      f"--max / --max-batch") from None
                 log(f"skipped {label} ({batch}x3x{height}x{width}): the engine and the float32 reference "
                     f"do not fit in GPU memory together")
                 torch.cuda.empty_cache()

@@ -130,6 +130,14 @@ class TensorRTLibrary:
         return config is not None and hasattr(config, "set_runtime_cache")
 
     @property
+    def eager_kernel_specialization(self) -> Any:
+        """The runtime config value that compiles each shape's specialised kernels before its
+        first run (TensorRT-RTX's `DynamicShapesKernelSpecializationStrategy.EAGER`), or None
+        where kernels are not specialised at run time (enterprise TensorRT)."""
+        strategy = getattr(self.module, "DynamicShapesKernelSpecializationStrategy", None)
+        return getattr(strategy, "EAGER", None)
+
+    @property
     def has_whole_graph_capture(self) -> bool:
         """The library captures and replays each engine launch as a CUDA graph itself."""
         return hasattr(getattr(self.module, "CudaGraphStrategy", None), "WHOLE_GRAPH_CAPTURE")

@@ -13,10 +13,14 @@ TensorRT once; each network call then only copies `t` and runs `execute_async_v3
 The sampler keeps x in the bound x buffer (`input_buffer`). Every method that
 enqueues CUDA work runs with the backend's device current (`--device cuda:1`).
 
-TensorRT-RTX specialises kernels at first run (JIT); those kernels are kept in
+TensorRT-RTX specialises kernels for each new shape before its first run (EAGER, so
+every run of a shape uses the same kernels, see `_create_context`); they are kept in
 `engine.runtime.cache` beside the plan (written atomically when the engine is
 closed, reused on the next run, ignored with a note when it was made for another
 GPU or library version).
+
+`close()` releases the per-shape buffers and scratch memory and keeps the engine: the
+backend stays usable, the next `bind()` allocates again (as ONNX Runtime's does).
 """
 
 from __future__ import annotations
@@ -40,7 +44,8 @@ from ..trt_library import (
     library_for_plan,
     rtx_default_targets_include,
 )
-from .base import Backend, BackendError
+from ..errors import first_line
+from .base import Backend, BackendError, OutOfDeviceMemory
 
 if TYPE_CHECKING:
     import tensorrt as trt
@@ -177,20 +182,48 @@ def check_plan_compatibility(engine_meta: Mapping[str, Any], library: str, libra
     return None
 
 
-def why_plan_cannot_run_here(plan_path: Path, trt: str | None = None) -> str | None:
-    """Why `plan_path` cannot run on this machine (no library for it, no GPU, a GPU it was
-    not built for), from its sidecar and without deserialising it; None when it may run."""
+def why_plan_cannot_run_here(plan_path: Path, trt: str | None = None,
+                             device: torch.device | str | None = None) -> str | None:
+    """Why `plan_path` cannot run on `device` (default: the current CUDA device): no library
+    for it, no GPU, a GPU it was not built for; from its sidecar, without deserialising it.
+    None when it may run."""
     try:
         engine_meta = load_engine_metadata(plan_path)
         lib = library_for_plan(engine_meta, trt, Path(plan_path).name)
     except BackendError as exc:
         return str(exc)
+    return why_engine_cannot_run(lib, engine_meta, device)
+
+
+def why_engine_cannot_run(lib: TensorRTLibrary, engine_meta: Mapping[str, Any] | None,
+                          device: torch.device | str | None = None) -> str | None:
+    """Why an engine of `lib` described by `engine_meta` (a sidecar, or what a build will
+    write; None: nothing known) cannot run on `device`, or None. The one check behind the
+    runtime's preflight, the backend and pid-export's `--verify` refusal; asks torch only
+    about the device (`pid-run --device cuda:1` is checked on cuda:1, not on cuda:0)."""
     if not torch.cuda.is_available():
         return f"{lib.label} runs engines on a CUDA GPU and none is visible"
+    dev = torch.device("cuda") if device is None or str(device) == "auto" else torch.device(device)
+    if dev.type != "cuda":
+        return f"{lib.label} runs engines on a CUDA GPU, not on {dev}"
+    index = torch.cuda.current_device() if dev.index is None else dev.index
+    if index >= torch.cuda.device_count():
+        return f"there is no {dev} (this machine has {torch.cuda.device_count()} CUDA GPU(s))"
     if engine_meta is None:
         return None
-    here = compute_capability_string(torch.device("cuda", torch.cuda.current_device()))
+    here = compute_capability_string(torch.device("cuda", index))
     return check_plan_compatibility(engine_meta, lib.key, lib.version, here)
+
+
+def out_of_memory_line(shapes: Mapping[str, Shape], device: torch.device) -> str:
+    """The one line for a decode whose buffers do not fit on `device`, with the ways out."""
+    batch, _, height, width = shapes["x"]
+    return (f"out of GPU memory on {device} for batch {batch} at {height}x{width}: decode a smaller --size or "
+            f"--batch-size, or free the GPU (other processes, --device cuda:N)")
+
+
+def _shapes_text(shapes: Mapping[str, Shape]) -> str:
+    return ", ".join(f"{name} {list(shape)}" for name, shape in shapes.items())
 
 
 def describe_invalidity(diagnostics: int, flags: Mapping[str, int]) -> str:
@@ -471,9 +504,17 @@ class TensorRTBackend(Backend):
             trt = lib.module
 
         user_managed = trt.ExecutionContextAllocationStrategy.USER_MANAGED
-        if lib.has_runtime_cache or self._library_captures:
+        eager = lib.eager_kernel_specialization
+        if lib.has_runtime_cache or self._library_captures or eager is not None:
             config = engine.create_runtime_config()
             config.set_execution_context_allocation_strategy(user_managed)
+            if eager is not None:
+                # TensorRT-RTX's default (LAZY) runs a generic kernel while the shape's specialised
+                # one compiles in the background and swaps it in mid-decode: the first images and
+                # `--verify` would come from kernels steady-state runs never use, and two runs of
+                # one seed could differ. EAGER compiles before the first run of each new shape
+                # (once: the runtime cache keeps them), so every run uses the same kernels.
+                setattr(config, "dynamic_shapes_kernel_specialization_strategy", eager)
             if lib.has_runtime_cache:
                 self._runtime_cache = self._load_runtime_cache(config)
             if self._library_captures:
@@ -576,38 +617,61 @@ class TensorRTBackend(Backend):
         self._buffers["degrade_sigma"].copy_(degrade_sigma)
 
     def _allocate(self, profile: int, shapes: Mapping[str, Shape]) -> None:
-        """Switch profile, set input shapes, allocate I/O buffers and scratch memory, hand addresses to TensorRT."""
+        """Switch profile, set input shapes, allocate I/O buffers and scratch memory, hand addresses to TensorRT.
+
+        Every failure is one BackendError line saying what to change; out of GPU memory is
+        `OutOfDeviceMemory` (a BackendError), so callers that can try a smaller size tell it apart.
+        """
         self._stream.synchronize()  # old buffers may still be in use by queued work
         self._graphs.clear()
         self._buffers = {}
         self._shape_key = None  # stays unset if anything below fails
         ctx = self._context
         if profile != self._profile_index:
-            if not ctx.set_optimization_profile_async(profile, self._stream.cuda_stream):
-                raise BackendError(f"could not switch to optimization profile {profile}: {last_errors(self._errors)}")
+            # The bindings raise RuntimeError on failure (their result is False only in older releases).
+            try:
+                switched = ctx.set_optimization_profile_async(profile, self._stream.cuda_stream)
+            except RuntimeError as exc:
+                switched = False
+                self._errors.append(first_line(exc))
+            if not switched:
+                raise BackendError(f"could not switch to optimization profile {profile}: {last_errors(self._errors)}"
+                                   f"; reopen the engine, or rebuild it with pid-export")
             self._stream.synchronize()
             self._profile_index = profile
         for name, shape in shapes.items():
             if not ctx.set_input_shape(name, shape):
                 raise BackendError(f"the engine rejected shape {list(shape)} for input {name}: "
                                    f"{last_errors(self._errors)}")
-        unresolved = ctx.infer_shapes()
+        try:
+            unresolved = ctx.infer_shapes()
+        except RuntimeError as exc:  # shape inference failed for another reason than a missing shape
+            raise BackendError(f"the engine cannot run inputs of shapes {_shapes_text(shapes)}: {first_line(exc)} "
+                               f"({last_errors(self._errors)}); use another size or the export's model.onnx") from None
         if unresolved:
             raise BackendError(f"the engine could not infer shapes for {', '.join(unresolved)}")
-        buffers = {name: torch.empty(shape, dtype=self._dtypes[name], device=self.device)
-                   for name, shape in shapes.items()}
-        for name in OUTPUT_NAMES:
-            shape = _dims(ctx.get_tensor_shape(name))
-            buffers[name] = torch.empty(shape, dtype=self._dtypes[name], device=self.device)
-        for name, buffer in buffers.items():
-            if not ctx.set_tensor_address(name, buffer.data_ptr()):
-                raise BackendError(f"the engine rejected the buffer of {name}: {last_errors(self._errors)}")
-        # Scratch memory for these shapes only, not the profile's max (a 2K decode
-        # with a 2K..4K engine should not hold 4K activations).
-        needed = ctx.update_device_memory_size_for_shapes()
-        if self._activations is None or self._activations.numel() < needed:
-            self._activations = None
-            self._activations = torch.empty(max(needed, 1), dtype=torch.uint8, device=self.device)
+        try:
+            buffers = {name: torch.empty(shape, dtype=self._dtypes[name], device=self.device)
+                       for name, shape in shapes.items()}
+            for name in OUTPUT_NAMES:
+                shape = _dims(ctx.get_tensor_shape(name))
+                buffers[name] = torch.empty(shape, dtype=self._dtypes[name], device=self.device)
+            for name, buffer in buffers.items():
+                if not ctx.set_tensor_address(name, buffer.data_ptr()):
+                    raise BackendError(f"the engine rejected the buffer of {name}: {last_errors(self._errors)}")
+            # Scratch memory for these shapes only, not the profile's max (a 2K decode
+            # with a 2K..4K engine should not hold 4K activations).
+            needed = ctx.update_device_memory_size_for_shapes()
+            if needed <= 0:  # the library's way of failing here; 1 byte would fail later, less clearly
+                raise BackendError(f"the engine could not size its scratch memory for {_shapes_text(shapes)}: "
+                                   f"{last_errors(self._errors)}; reopen the engine, or rebuild it with pid-export")
+            if self._activations is None or self._activations.numel() < needed:
+                self._activations = None
+                self._activations = torch.empty(needed, dtype=torch.uint8, device=self.device)
+        except torch.OutOfMemoryError:
+            buffers, self._activations = {}, None
+            torch.cuda.empty_cache()
+            raise OutOfDeviceMemory(out_of_memory_line(shapes, self.device)) from None
         ctx.set_device_memory(self._activations.data_ptr(), self._activations.numel())
         self._buffers = buffers
 
@@ -663,9 +727,11 @@ class TensorRTBackend(Backend):
 
     @on_own_device
     def close(self) -> None:
+        """Release buffers and scratch memory (kept: the engine, so the backend can be bound again)."""
         if self._buffers:
             self._stream.synchronize()
         self._graphs.clear()
         self._buffers = {}
+        self._shape_key = None  # the next bind() allocates again
         self._activations = None
         self._save_runtime_cache()
