@@ -61,7 +61,7 @@ class PidDecoder:
         `trt`: "tensorrt" | "rtx" for an engine (default: $PID_TRT, else the library that
         built it). `notify` receives notes, e.g. why a directory's engine is not used here.
         """
-        model_path = preflight(path, trt, note=notify)
+        model_path = preflight(path, trt, note=notify, device=device)
         backend = open_backend(model_path, device=device, cuda_graph=cuda_graph, trt=trt, log=notify)
         try:
             return cls(backend, model_path, backbone=backbone, caption_model=caption_model, notify=notify)

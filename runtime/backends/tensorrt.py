@@ -201,11 +201,11 @@ def why_engine_cannot_run(lib: TensorRTLibrary, engine_meta: Mapping[str, Any] |
     write; None: nothing known) cannot run on `device`, or None. The one check behind the
     runtime's preflight, the backend and pid-export's `--verify` refusal; asks torch only
     about the device (`pid-run --device cuda:1` is checked on cuda:1, not on cuda:0)."""
-    if not torch.cuda.is_available():
-        return f"{lib.label} runs engines on a CUDA GPU and none is visible"
     dev = torch.device("cuda") if device is None or str(device) == "auto" else torch.device(device)
     if dev.type != "cuda":
         return f"{lib.label} runs engines on a CUDA GPU, not on {dev}"
+    if not torch.cuda.is_available():
+        return f"{lib.label} runs engines on a CUDA GPU and none is visible"
     index = torch.cuda.current_device() if dev.index is None else dev.index
     if index >= torch.cuda.device_count():
         return f"there is no {dev} (this machine has {torch.cuda.device_count()} CUDA GPU(s))"
