@@ -622,7 +622,8 @@ class TensorRTBackend(Backend):
         Every failure is one BackendError line saying what to change; out of GPU memory is
         `OutOfDeviceMemory` (a BackendError), so callers that can try a smaller size tell it apart.
         """
-        self._stream.synchronize()  # old buffers may still be in use by queued work
+        # Old buffers may still be in use by queued work, on our stream or a caller's (see _execute).
+        torch.cuda.synchronize(self.device)
         self._graphs.clear()
         self._buffers = {}
         self._shape_key = None  # stays unset if anything below fails
