@@ -21,7 +21,6 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import hashlib
-import json
 import re
 import time
 from dataclasses import asdict, dataclass
@@ -37,6 +36,7 @@ from pid_runtime.backends.tensorrt import (
     recording_logger,
     why_engine_cannot_run,
 )
+from pid_runtime.engine_metadata import ENGINE_METADATA_FORMAT, EngineMetadata
 from pid_runtime.io import atomic_write
 from pid_runtime.metadata import ENGINE_NAME, INPUT_NAMES, MODEL_METADATA, ModelMetadata
 from pid_runtime.trt_library import (
@@ -56,7 +56,6 @@ if TYPE_CHECKING:
     import tensorrt as trt
 
 TIMING_CACHE_NAME = "timing.cache"
-ENGINE_METADATA_FORMAT = 2  # 2: library, target compute capabilities, several profiles
 REJECTED_PREFIX = "rejected-"
 
 Shape = tuple[int, ...]
@@ -92,8 +91,9 @@ def why_engines_cannot_run_here(lib: TensorRTLibrary, targets: Sequence[str] | N
     will record. Cheap: no GPU work beyond asking torch about the device."""
     planned = None  # enterprise TensorRT builds for this very GPU
     if lib.key == RTX:
-        planned = {"compute_capabilities": list(targets or RTX_DEFAULT_TARGETS),
-                   "compute_capabilities_source": "library default" if targets is None else "--compute-capability"}
+        planned = EngineMetadata(library=lib.key, compute_capabilities=list(targets or RTX_DEFAULT_TARGETS),
+                                 compute_capabilities_source="library default" if targets is None
+                                 else "--compute-capability")
     return why_engine_cannot_run(lib, planned, device)
 
 
@@ -491,7 +491,7 @@ def build_engine(onnx_path: Path | str, out_dir: Path | str, profiles: EnginePro
     sidecar.unlink(missing_ok=True)  # never leave an old sidecar describing a new plan
     write_atomic(plan_path, bytes(plan))
     del plan
-    write_atomic(sidecar, (json.dumps(meta, indent=1) + "\n").encode())
+    meta.save(sidecar)
     return plan_path
 
 
@@ -578,30 +578,30 @@ def _check_profiles_fit(profiles: Sequence[EngineProfile], io: Mapping[str, Any]
 
 def _engine_metadata(onnx_path: Path, profiles: Sequence[EngineProfile], as_built: Sequence[Mapping[str, Any]],
                      io: Mapping[str, Any], target: BuildTarget, *, stripped: bool, opt_level: int, workspace_gb: float | None, attention: tuple[int, int],
-                     seconds: float) -> dict[str, Any]:
+                     seconds: float) -> EngineMetadata:
     lib = target.library
-    return {
-        "format": ENGINE_METADATA_FORMAT,
-        "library": lib.key,
-        "library_name": lib.label,
-        "library_version": lib.version,
-        "compute_capabilities": list(target.compute_capabilities),
-        "compute_capabilities_source": target.source,
-        "built_on": target.gpu_name or "CPU (ahead of time)",
-        "precision": _model_precision(onnx_path),
-        "profiles": [dict(profile.to_dict(), as_built=shapes) for profile, shapes in zip(profiles, as_built)],
-        "inputs": io["inputs"],
-        "outputs": io["outputs"],
-        "attention_layers": attention[0],
-        "decomposable_attention_layers": attention[1],
-        "onnx_name": onnx_path.name,
-        "onnx_sha256": onnx_sha256(onnx_path),
-        "stripped": stripped,
-        "builder_optimization_level": opt_level,
-        "workspace_gb": workspace_gb,
-        "build_seconds": round(seconds, 1),
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    }
+    return EngineMetadata(
+        format=ENGINE_METADATA_FORMAT,
+        library=lib.key,
+        library_name=lib.label,
+        library_version=lib.version,
+        compute_capabilities=list(target.compute_capabilities),
+        compute_capabilities_source=target.source,
+        built_on=target.gpu_name or "CPU (ahead of time)",
+        precision=_model_precision(onnx_path),
+        profiles=[dict(profile.to_dict(), as_built=shapes) for profile, shapes in zip(profiles, as_built)],
+        inputs=list(io["inputs"]),
+        outputs=list(io["outputs"]),
+        attention_layers=attention[0],
+        decomposable_attention_layers=attention[1],
+        onnx_name=onnx_path.name,
+        onnx_sha256=onnx_sha256(onnx_path),
+        stripped=stripped,
+        builder_optimization_level=opt_level,
+        workspace_gb=workspace_gb,
+        build_seconds=round(seconds, 1),
+        created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    )
 
 
 def set_aside_rejected(plan_path: Path) -> Path:

@@ -13,7 +13,6 @@ be verified, and `pid-export --verify` refuses before the export (see pipeline.p
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -23,6 +22,7 @@ import torch
 
 from pid_runtime.backends.base import BackendError, OutOfDeviceMemory
 from pid_runtime.backends.tensorrt import TensorRTBackend, engine_metadata_path
+from pid_runtime.engine_metadata import EngineMetadata
 from pid_runtime.metadata import ENGINE_NAME, INPUT_NAMES, MODEL_METADATA, ModelMetadata
 
 from .engine import EngineError
@@ -124,11 +124,16 @@ def verify_engine(engine: Path | str, onnx_path: Path | str | None = None, *, ne
     sidecar = engine_metadata_path(plan_path)
     if not sidecar.exists():
         raise EngineError(f"{sidecar} is missing: cannot tell which sizes {plan_path.name} accepts")
-    engine_meta = json.loads(sidecar.read_text())
-    profiles = engine_meta.get("profiles") or [engine_meta["profile"]]
-    precision = str(engine_meta.get("precision", "unknown"))
+    try:
+        engine_meta = EngineMetadata.load(sidecar)
+    except BackendError as exc:
+        raise EngineError(str(exc)) from None
+    profiles = engine_meta.profiles
+    if not profiles:
+        raise EngineError(f"{sidecar} lists no optimization profile: cannot tell which sizes {plan_path.name} accepts")
+    precision = engine_meta.precision or "unknown"
     meta = _metadata_for(plan_path, profiles[0])
-    onnx_file = Path(onnx_path) if onnx_path is not None else plan_path.parent / engine_meta["onnx_name"]
+    onnx_file = Path(onnx_path) if onnx_path is not None else plan_path.parent / engine_meta.onnx_name
     sizes = verify_sizes(profiles)
     results: list[VerifyResult] = []
     try:

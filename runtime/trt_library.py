@@ -24,11 +24,14 @@ import importlib
 import os
 from dataclasses import dataclass
 from types import ModuleType
-from typing import Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import torch
 
 from .backends.base import BackendError
+
+if TYPE_CHECKING:
+    from .engine_metadata import EngineMetadata
 
 ENV_VAR = "PID_TRT"
 AUTO, ENTERPRISE, RTX = "auto", "tensorrt", "rtx"
@@ -224,18 +227,18 @@ def library_status(choice: str | None = None) -> tuple[TensorRTLibrary | None, s
     return lib, lib.description
 
 
-def library_for_plan(engine_meta: Mapping[str, Any] | None, choice: str | None = None,
+def library_for_plan(engine_meta: "EngineMetadata | None", choice: str | None = None,
                      plan_name: str = "engine plan") -> TensorRTLibrary:
     """The library that can load a plan: the one its sidecar names (a sidecar from before
     TensorRT-RTX support names none and means enterprise TensorRT). Asking for the other
     one, or not having the right one, is refused with one line."""
     if engine_meta is None:
         return select_library(choice)
-    built_key = str(engine_meta.get("library") or ENTERPRISE)
+    built_key = engine_meta.library or ENTERPRISE
     if built_key not in KINDS:
         raise LibraryError(f"{plan_name} was built with an unknown library {built_key!r}; rebuild it with pid-export")
     built = KINDS[built_key]
-    built_version = engine_meta.get("library_version") or engine_meta.get("tensorrt_version") or ""
+    built_version = engine_meta.library_version or ""
     built_text = f"{built.label} {built_version}".strip()
     wanted = normalise_choice(choice)
     if wanted not in (AUTO, built_key):

@@ -54,6 +54,7 @@ from pid_runtime.backends.tensorrt import (
     select_profile,
     union_ranges,
 )
+from pid_runtime.engine_metadata import EngineMetadata
 from pid_runtime.metadata import ModelMetadata
 from pid_runtime.trt_library import (
     ENV_VAR,
@@ -388,7 +389,7 @@ def test_engine_sidecar_loading(tmp_path):
     with pytest.raises(BackendError, match="cannot read engine metadata"):
         load_engine_metadata(plan)
     (tmp_path / "engine.json").write_text(json.dumps(BUILT_HERE))
-    assert load_engine_metadata(plan) == BUILT_HERE
+    assert load_engine_metadata(plan) == EngineMetadata.from_dict(BUILT_HERE)
 
 
 def test_write_atomic_leaves_no_partial_file(tmp_path):
@@ -501,15 +502,15 @@ def test_asking_for_enterprise_tensorrt_where_it_is_absent_says_how_to_get_it():
 
 def test_a_plan_is_never_handed_to_the_other_library():
     with pytest.raises(LibraryError) as info:
-        library_for_plan(RTX_DEFAULT, "tensorrt", "engine.plan")
+        library_for_plan(EngineMetadata.from_dict(RTX_DEFAULT), "tensorrt", "engine.plan")
     assert str(info.value) == (
         "engine.plan was built with TensorRT-RTX 1.7.1.116 and cannot run with TensorRT (a plan runs only with the "
         "library that built it): rebuild it with pid-export --trt tensorrt, or use TensorRT-RTX")
     with pytest.raises(LibraryError, match="built with TensorRT 10.14.1.48 and cannot run with TensorRT-RTX"):
-        library_for_plan(BUILT_HERE, "rtx", "engine.plan")
+        library_for_plan(EngineMetadata.from_dict(BUILT_HERE), "rtx", "engine.plan")
     old = {"tensorrt_version": "10.14.1.48"}  # older sidecars: enterprise TensorRT
     with pytest.raises(LibraryError, match="built with TensorRT 10.14.1.48 and cannot run with TensorRT-RTX"):
-        library_for_plan(old, "rtx", "engine.plan")
+        library_for_plan(EngineMetadata.from_dict(old), "rtx", "engine.plan")
 
 
 def _backend_error(tmp_path: Path, sidecar: dict) -> str:
@@ -615,7 +616,7 @@ def test_backend_methods_that_touch_the_gpu_run_on_its_device():
 # Static typing against tensorrt-stubs (the CI check for this layer)
 
 TYPED_MODULES = ("pid_export.engine", "pid_runtime.backends.tensorrt", "pid_runtime.trt_library",
-                 "pid_runtime.cuda_graph")
+                 "pid_runtime.cuda_graph", "pid_runtime.engine_metadata")
 # Proves the check is real: these two lines must be flagged, so the stubs and
 # pid_runtime were both resolved (not silently treated as Any).
 CANARY = '''import tensorrt as trt

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence, TypeVar
 import torch
 from torch import Tensor
 
+from ..engine_metadata import EngineMetadata
 from ..io import atomic_write
 from ..metadata import INPUT_NAMES, OUTPUT_NAMES, ModelMetadata
 from ..precision import precision_problem
@@ -60,7 +61,7 @@ Shape = tuple[int, ...]
 ProfileShapes = dict[str, tuple[Shape, Shape, Shape]]  # input name -> (min, opt, max)
 
 
-def require_tensorrt(engine_meta: Mapping[str, Any] | None = None, choice: str | None = None,
+def require_tensorrt(engine_meta: EngineMetadata | None = None, choice: str | None = None,
                      plan_name: str = "engine plan") -> TensorRTLibrary:
     """The library that can load this plan; BackendError (one line) when there is none."""
     try:
@@ -121,18 +122,10 @@ def engine_metadata_path(plan_path: Path) -> Path:
     return Path(plan_path).with_suffix(".json")
 
 
-def load_engine_metadata(plan_path: Path) -> dict[str, Any] | None:
-    """The plan's sidecar as a dict, None when there is none; BackendError when unreadable."""
+def load_engine_metadata(plan_path: Path) -> EngineMetadata | None:
+    """The plan's sidecar, None when there is none; BackendError (one line) when unreadable or wrong."""
     path = engine_metadata_path(plan_path)
-    if not path.exists():
-        return None
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BackendError(f"cannot read engine metadata {path}: {exc}") from None
-    if not isinstance(data, dict):
-        raise BackendError(f"engine metadata {path} is not a JSON object")
-    return data
+    return EngineMetadata.load(path) if path.exists() else None
 
 
 def runtime_cache_path(plan_path: Path) -> Path:
@@ -141,16 +134,7 @@ def runtime_cache_path(plan_path: Path) -> Path:
     return plan_path.with_name(plan_path.stem + RUNTIME_CACHE_SUFFIX)
 
 
-def built_compute_capabilities(engine_meta: Mapping[str, Any]) -> list[str]:
-    """The compute capabilities a plan targets, from its sidecar (older sidecars: one GPU's)."""
-    listed = engine_meta.get("compute_capabilities")
-    if isinstance(listed, list):
-        return [str(cc) for cc in listed]
-    single = engine_meta.get("compute_capability")
-    return [str(single)] if single else []
-
-
-def check_plan_compatibility(engine_meta: Mapping[str, Any], library: str, library_version: str,
+def check_plan_compatibility(engine_meta: EngineMetadata | Mapping[str, Any], library: str, library_version: str,
                              compute_capability: str) -> str | None:
     """The sentence the library would log when refusing this plan on this GPU, or None.
 
@@ -160,9 +144,11 @@ def check_plan_compatibility(engine_meta: Mapping[str, Any], library: str, libra
     targets (its defaults, or the --compute-capability list it was built for); its
     version fit is left to `get_engine_validity`. Fields a sidecar lacks are not checked.
     """
-    targets = built_compute_capabilities(engine_meta)
+    if not isinstance(engine_meta, EngineMetadata):
+        engine_meta = EngineMetadata.from_dict(engine_meta)
+    targets = engine_meta.compute_capabilities
     if library == RTX:
-        default = engine_meta.get("compute_capabilities_source", "library default") == "library default"
+        default = engine_meta.targets_library_defaults
         fits = rtx_default_targets_include(compute_capability) if default else compute_capability in targets
         if targets and not fits:
             return (f"engine plan targets compute capability {', '.join(targets)} and this GPU is "
@@ -170,12 +156,12 @@ def check_plan_compatibility(engine_meta: Mapping[str, Any], library: str, libra
                     f"TensorRT on data-centre GPUs: pid-export --trt tensorrt), or rebuild with "
                     f"--compute-capability {compute_capability}")
         return None
-    built_version = engine_meta.get("library_version") or engine_meta.get("tensorrt_version")
+    built_version = engine_meta.library_version
     if built_version and str(built_version) != library_version:
         return (f"engine plan is not compatible with this version of TensorRT, expecting library "
                 f"version {library_version} got {built_version}; rebuild it here with pid-export")
     if targets and compute_capability not in targets:
-        gpu = engine_meta.get("gpu_name")
+        gpu = engine_meta.gpu_name
         built_on = f" ({gpu})" if gpu else ""
         return (f"engine plan was generated on an incompatible device{built_on}, expecting compute "
                 f"{compute_capability} got compute {', '.join(targets)}; rebuild it on this GPU with pid-export")
@@ -195,7 +181,7 @@ def why_plan_cannot_run_here(plan_path: Path, trt: str | None = None,
     return why_engine_cannot_run(lib, engine_meta, device)
 
 
-def why_engine_cannot_run(lib: TensorRTLibrary, engine_meta: Mapping[str, Any] | None,
+def why_engine_cannot_run(lib: TensorRTLibrary, engine_meta: EngineMetadata | None,
                           device: torch.device | str | None = None) -> str | None:
     """Why an engine of `lib` described by `engine_meta` (a sidecar, or what a build will
     write; None: nothing known) cannot run on `device`, or None. The one check behind the
@@ -433,7 +419,7 @@ class TensorRTBackend(Backend):
         super().__init__(meta, dev)
         self.library = lib
         self._note = log or (lambda message: None)
-        precision = (engine_meta or {}).get("precision") or meta.precision
+        precision = (engine_meta.precision if engine_meta is not None else None) or meta.precision
         problem = precision_problem(precision, compute_capability_string(dev), where=torch.cuda.get_device_name(dev))
         if problem is not None:  # e.g. an FP8 engine on an Ampere GPU: say so before the library fails
             raise BackendError(f"{plan_path}: {problem}")
@@ -462,8 +448,8 @@ class TensorRTBackend(Backend):
             if engine is None:
                 raise BackendError(f"{plan_path} could not be loaded as a {lib.label} engine: "
                                    f"{last_errors(self._errors)}")
-            if engine_meta is not None and engine_meta.get("stripped"):
-                self._refit(engine, plan_path.parent / str(engine_meta.get("onnx_name", "model.onnx")))
+            if engine_meta is not None and engine_meta.stripped:
+                self._refit(engine, plan_path.parent / engine_meta.onnx_name)  # a plain name: checked on load
             self._engine = engine
             self._dtypes, self._profiles = self._read_io(engine)
             self._library_captures = cuda_graph and lib.has_whole_graph_capture
@@ -477,7 +463,7 @@ class TensorRTBackend(Backend):
         self._graphs: dict[int, CapturedSampler] = {}  # steps -> captured loop for the bound shape
 
     # -- loading ----------------------------------------------------------
-    def _check_validity(self, plan: bytes, plan_path: Path, engine_meta: Mapping[str, Any] | None) -> None:
+    def _check_validity(self, plan: bytes, plan_path: Path, engine_meta: EngineMetadata | None) -> None:
         """TensorRT-RTX's cheap header check (version, compute capability, driver) before
         deserialising, so a misfit plan gets one sentence instead of a failed load."""
         lib = self.library
@@ -486,7 +472,7 @@ class TensorRTBackend(Backend):
         validity, diagnostics = getattr(self._runtime, "get_engine_validity")(plan)
         flags = {name: int(value) for name, value in lib.module.EngineInvalidityDiagnostics.__members__.items()}
         if validity == lib.module.EngineValidity.INVALID:
-            built = (engine_meta or {}).get("library_version")
+            built = engine_meta.library_version if engine_meta is not None else None
             built_text = f" (built with {lib.label} {built}, this is {lib.version})" if built else ""
             raise BackendError(f"{plan_path} cannot run here: {describe_invalidity(int(diagnostics), flags)}"
                                f"{built_text}; rebuild it with pid-export")
