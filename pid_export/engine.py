@@ -29,13 +29,6 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 import torch
 
-from pid_runtime.backends.tensorrt import (
-    compute_capability_string,
-    engine_metadata_path,
-    last_errors,
-    recording_logger,
-    why_engine_cannot_run,
-)
 from pid_runtime.engine_metadata import ENGINE_METADATA_FORMAT, EngineMetadata
 from pid_runtime.io import atomic_write
 from pid_runtime.metadata import ENGINE_NAME, INPUT_NAMES, MODEL_METADATA, ModelMetadata
@@ -46,9 +39,12 @@ from pid_runtime.trt_library import (
     LibraryError,
     TensorRTLibrary,
     gpu_visible,
+    last_errors,
     library_status,
+    recording_logger,
     select_library,
 )
+from pid_runtime.trt_plan import compute_capability_string, engine_metadata_path, why_engine_cannot_run
 
 from .config import PidConfig
 

@@ -21,8 +21,9 @@ import numpy as np
 import torch
 
 from pid_runtime.backends.base import BackendError, OutOfDeviceMemory
-from pid_runtime.backends.tensorrt import TensorRTBackend, engine_metadata_path
+from pid_runtime.backends.tensorrt import TensorRTBackend
 from pid_runtime.engine_metadata import EngineMetadata
+from pid_runtime.trt_plan import engine_metadata_path
 from pid_runtime.metadata import ENGINE_NAME, INPUT_NAMES, MODEL_METADATA, ModelMetadata
 
 from .engine import EngineError

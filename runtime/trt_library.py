@@ -24,14 +24,18 @@ import importlib
 import os
 from dataclasses import dataclass
 from types import ModuleType
-from typing import TYPE_CHECKING, Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 import torch
 
 from .backends.base import BackendError
 
 if TYPE_CHECKING:
+    import tensorrt as trt
+
     from .engine_metadata import EngineMetadata
+
+Shape = tuple[int, ...]
 
 ENV_VAR = "PID_TRT"
 AUTO, ENTERPRISE, RTX = "auto", "tensorrt", "rtx"
@@ -257,6 +261,67 @@ def rtx_default_targets_include(compute_capability: str) -> bool:
     return f"{major}.{minor}" in RTX_DEFAULT_TARGETS or int(major) >= 12
 
 
+# ---------------------------------------------------------------------------
+# Glue shared by the builder (pid_export.engine) and the backend (needs a library)
+
+
+def recording_logger(lib: TensorRTLibrary, errors: list[str], echo: Callable[[str], None] | None = None,
+                     verbose: bool = False) -> "trt.ILogger":
+    """A logger of `lib` that appends error messages to `errors` (the reason behind a None
+    from the builder or runtime) and echoes warnings and errors."""
+    if TYPE_CHECKING:
+        import tensorrt as trt
+    else:
+        trt = lib.module
+
+    error_levels = {trt.ILogger.Severity.ERROR, trt.ILogger.Severity.INTERNAL_ERROR}
+    echo_levels = error_levels | {trt.ILogger.Severity.WARNING}
+    if verbose:
+        echo_levels |= {trt.ILogger.Severity.INFO}
+    label = lib.label
+
+    class RecordingLogger(trt.ILogger):
+        def __init__(self) -> None:
+            trt.ILogger.__init__(self)  # TensorRT requires the explicit base init
+
+        def log(self, severity: trt.ILogger.Severity, msg: str) -> None:
+            if severity in error_levels:
+                errors.append(msg)
+            if echo is not None and severity in echo_levels:
+                echo(f"[{label}] {msg}")
+
+    return RecordingLogger()
+
+
+def last_errors(errors: Sequence[str], count: int = 3) -> str:
+    return " | ".join(errors[-count:]) if errors else "no error was logged"
+
+
+def dims_tuple(dims: "trt.Dims") -> Shape:
+    return tuple(int(dims[i]) for i in range(len(dims)))
+
+
+def torch_dtype(lib: TensorRTLibrary, dtype: "trt.DataType") -> torch.dtype:
+    if TYPE_CHECKING:
+        import tensorrt as trt
+    else:
+        trt = lib.module
+
+    table = {
+        trt.DataType.FLOAT: torch.float32,
+        trt.DataType.HALF: torch.float16,
+        trt.DataType.BF16: torch.bfloat16,
+        trt.DataType.INT32: torch.int32,
+        trt.DataType.INT64: torch.int64,
+        trt.DataType.INT8: torch.int8,
+        trt.DataType.UINT8: torch.uint8,
+        trt.DataType.BOOL: torch.bool,
+    }
+    if dtype not in table:
+        raise BackendError(f"engine I/O type {dtype} has no torch equivalent")
+    return table[dtype]
+
+
 __all__ = ["AUTO", "CHOICES", "ENTERPRISE", "ENV_VAR", "KINDS", "LibraryError", "RTX", "RTX_DEFAULT_TARGETS",
            "TensorRTLibrary", "choose_library", "gpu_visible", "library_for_plan", "library_status",
-           "load", "normalise_choice", "rtx_default_targets_include", "select_library"]
+           "last_errors", "load", "normalise_choice", "recording_logger", "torch_dtype", "dims_tuple", "rtx_default_targets_include", "select_library"]

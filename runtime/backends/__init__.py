@@ -36,7 +36,7 @@ def resolve_model_path(path: str | os.PathLike[str], trt: str | None = None,
     if path.is_dir():
         engine, onnx = path / ENGINE_NAME, path / ONNX_NAME
         if engine.is_file():
-            from .tensorrt import why_plan_cannot_run_here  # needs no TensorRT
+            from ..trt_plan import why_plan_cannot_run_here  # needs no TensorRT
 
             problem = why_plan_cannot_run_here(engine, trt, device) if onnx.is_file() else None
             if problem is None:
@@ -100,7 +100,7 @@ def preflight(path: str | os.PathLike[str], trt: str | None = None,
     """
     model_path = resolve_model_path(path, trt, note, device)
     if model_path.suffix.lower() in TENSORRT_SUFFIXES:
-        from .tensorrt import ONNX_FALLBACK, probe_plan, why_plan_cannot_run_here  # all work without TensorRT
+        from ..trt_plan import ONNX_FALLBACK, probe_plan, why_plan_cannot_run_here  # all work without TensorRT
 
         problem = probe_plan(model_path)
         if problem is not None:
