@@ -615,8 +615,9 @@ def test_backend_methods_that_touch_the_gpu_run_on_its_device():
 # ---------------------------------------------------------------------------
 # Static typing against tensorrt-stubs (the CI check for this layer)
 
-TYPED_MODULES = ("pid_export.engine", "pid_runtime.backends.tensorrt", "pid_runtime.trt_library", "pid_runtime.trt_plan",
-                 "pid_runtime.cuda_graph", "pid_runtime.engine_metadata")
+TYPED_MODULES = ("pid_export.engine", "pid_export.engine_profiles", "pid_runtime.backends.tensorrt",
+                 "pid_runtime.trt_library", "pid_runtime.trt_plan", "pid_runtime.cuda_graph",
+                 "pid_runtime.engine_metadata")
 # Proves the check is real: these two lines must be flagged, so the stubs and
 # pid_runtime were both resolved (not silently treated as Any).
 CANARY = '''import tensorrt as trt
