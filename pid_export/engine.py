@@ -21,22 +21,15 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import hashlib
-import json
 import re
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 import torch
 
-from pid_runtime.backends.tensorrt import (
-    check_plan_compatibility,
-    compute_capability_string,
-    engine_metadata_path,
-    last_errors,
-    recording_logger,
-)
+from pid_runtime.engine_metadata import ENGINE_METADATA_FORMAT, EngineMetadata
 from pid_runtime.io import atomic_write
 from pid_runtime.metadata import ENGINE_NAME, INPUT_NAMES, MODEL_METADATA, ModelMetadata
 from pid_runtime.trt_library import (
@@ -46,30 +39,36 @@ from pid_runtime.trt_library import (
     LibraryError,
     TensorRTLibrary,
     gpu_visible,
+    last_errors,
     library_status,
+    recording_logger,
     select_library,
 )
+from pid_runtime.trt_plan import compute_capability_string, engine_metadata_path, why_engine_cannot_run
 
-from .config import PidConfig
+from .engine_errors import EngineError, MissingSizeRange
+from .engine_profiles import (  # re-exported: pid_export.engine is where callers find them
+    HW,
+    PROFILE_2K_CLASS_MAX,
+    PROFILE_2K_CLASS_OPT,
+    PROFILE_4K_CLASS_OPT,
+    EngineProfile,
+    ProfileSpec,
+    Shape,
+    default_profile_specs,
+    engine_profiles,
+    parse_hw,
+    parse_profiles,
+    profile_shapes,
+)
 
 if TYPE_CHECKING:
     import tensorrt as trt
 
 TIMING_CACHE_NAME = "timing.cache"
-ENGINE_METADATA_FORMAT = 2  # 2: library, target compute capabilities, several profiles
 REJECTED_PREFIX = "rejected-"
 
-Shape = tuple[int, ...]
-HW = tuple[int, int]
 Log = Callable[[str], None]
-
-
-class EngineError(RuntimeError):
-    """A problem building or checking an engine that the user can act on."""
-
-
-class MissingSizeRange(EngineError):
-    """The export has no size range and none was given: there is no profile to build."""
 
 
 def tensorrt_status(library: str | None = None) -> tuple[bool, str]:
@@ -85,17 +84,17 @@ def tensorrt_status(library: str | None = None) -> tuple[bool, str]:
     return True, f"{lib.description} ({how})"
 
 
-def why_engines_cannot_run_here(lib: TensorRTLibrary, targets: Sequence[str] | None = None) -> str | None:
-    """Why an engine of `lib` for `targets` (None: the library's defaults) cannot run on this
-    machine, or None. Cheap: no GPU work beyond asking torch about the device."""
-    if not torch.cuda.is_available():
-        return f"{lib.label} runs engines on a CUDA GPU and none is visible"
-    here = compute_capability_string(torch.device("cuda", torch.cuda.current_device()))
-    if lib.key != RTX:
-        return None  # enterprise TensorRT builds for this very GPU
-    planned = {"compute_capabilities": list(targets or RTX_DEFAULT_TARGETS),
-               "compute_capabilities_source": "library default" if targets is None else "--compute-capability"}
-    return check_plan_compatibility(planned, lib.key, lib.version, here)
+def why_engines_cannot_run_here(lib: TensorRTLibrary, targets: Sequence[str] | None = None,
+                                device: torch.device | str | None = None) -> str | None:
+    """Why an engine of `lib` for `targets` (None: the library's defaults) cannot run on `device`
+    (default: the current CUDA device), or None: the runtime's own check, on what the build
+    will record. Cheap: no GPU work beyond asking torch about the device."""
+    planned = None  # enterprise TensorRT builds for this very GPU
+    if lib.key == RTX:
+        planned = EngineMetadata(library=lib.key, compute_capabilities=list(targets or RTX_DEFAULT_TARGETS),
+                                 compute_capabilities_source="library default" if targets is None
+                                 else "--compute-capability")
+    return why_engine_cannot_run(lib, planned, device)
 
 
 # ---------------------------------------------------------------------------
@@ -187,122 +186,6 @@ def build_target(library: str | None = None, compute_capabilities: Sequence[str]
 
 
 # ---------------------------------------------------------------------------
-# Optimization profile (pure; no TensorRT needed)
-
-
-def parse_hw(text: str) -> HW:
-    """'2048x1536' (height x width) -> (2048, 1536)."""
-    match = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", text)
-    if match is None:
-        raise EngineError(f"size {text!r} is not HEIGHTxWIDTH, e.g. 2048x2048")
-    return int(match.group(1)), int(match.group(2))
-
-
-def _hw(value: Sequence[int]) -> HW:
-    if len(value) != 2:
-        raise EngineError(f"a size is [height, width], got {list(value)}")
-    return int(value[0]), int(value[1])
-
-
-@dataclass(frozen=True)
-class EngineProfile:
-    """The shape range one engine accepts.
-
-    Sizes are output pixels (H, W), multiples of the patch size. The output size is
-    free of the latent's (the network aligns the latent), so the latent range is the
-    outputs' range in latent cells, rounded outward: floor(min / pixel_scale) to
-    ceil(max / pixel_scale).
-    Caption length is fixed at the model's max (the caption encoder pads to it)
-    unless `min_text_length` widens the range.
-    """
-
-    latent_channels: int
-    pixel_scale: int
-    txt_dim: int
-    min_hw: HW
-    opt_hw: HW
-    max_hw: HW
-    min_batch: int = 1
-    opt_batch: int = 1
-    max_batch: int = 1
-    text_length: int = 300
-    min_text_length: int | None = None
-    patch_size: int = 16
-
-    @classmethod
-    def for_config(cls, cfg: PidConfig, min_hw: HW, opt_hw: HW, max_hw: HW, *, max_batch: int = 1,
-                   opt_batch: int = 1, min_text_length: int | None = None) -> "EngineProfile":
-        profile = cls(latent_channels=cfg.lq_latent_channels, pixel_scale=cfg.pixel_scale,
-                      txt_dim=cfg.txt_embed_dim, min_hw=_hw(min_hw), opt_hw=_hw(opt_hw),
-                      max_hw=_hw(max_hw), max_batch=max_batch, opt_batch=opt_batch,
-                      text_length=cfg.txt_max_length, min_text_length=min_text_length, patch_size=cfg.patch_size)
-        profile.validate()
-        return profile
-
-    @classmethod
-    def for_metadata(cls, meta: ModelMetadata, min_hw: HW | None = None, opt_hw: HW | None = None,
-                     max_hw: HW | None = None, *, max_batch: int = 1, opt_batch: int = 1) -> "EngineProfile":
-        """The export's size range (trained sizes), with the user's overrides.
-
-        Defaults: min/max from the metadata's range, opt = its first trained size.
-        """
-        low = min_hw or (_hw(meta.min_size) if meta.min_size else None)
-        high = max_hw or (_hw(meta.max_size) if meta.max_size else None)
-        if low is None or high is None:
-            raise MissingSizeRange("the export has no trained size range; give --min and --max HxW")
-        opt = opt_hw or (_hw(meta.trained_sizes[0]) if meta.trained_sizes else high)
-        profile = cls(latent_channels=meta.latent_channels, pixel_scale=meta.pixel_scale,
-                      txt_dim=meta.txt_embed_dim, min_hw=_hw(low), opt_hw=_hw(opt), max_hw=_hw(high),
-                      max_batch=max_batch, opt_batch=opt_batch, text_length=meta.txt_max_length,
-                      patch_size=int(meta.network.get("patch_size", 16)))
-        profile.validate()
-        return profile
-
-    def validate(self) -> None:
-        for label, (height, width) in (("min", self.min_hw), ("opt", self.opt_hw), ("max", self.max_hw)):
-            for name, value in (("height", height), ("width", width)):
-                if value <= 0 or value % self.patch_size:
-                    raise EngineError(f"{label} {name} {value} is not a positive multiple of {self.patch_size} "
-                                      f"(the patch size)")
-        for axis, name in ((0, "height"), (1, "width")):
-            if not self.min_hw[axis] <= self.opt_hw[axis] <= self.max_hw[axis]:
-                raise EngineError(f"profile {name}s must satisfy min <= opt <= max, got "
-                                  f"{self.min_hw[axis]}, {self.opt_hw[axis]}, {self.max_hw[axis]}")
-        if not 1 <= self.min_batch <= self.opt_batch <= self.max_batch:
-            raise EngineError(f"batch sizes must satisfy 1 <= min <= opt <= max, got "
-                              f"{self.min_batch}, {self.opt_batch}, {self.max_batch}")
-        low_text = self.text_length if self.min_text_length is None else self.min_text_length
-        if not 1 <= low_text <= self.text_length:
-            raise EngineError(f"caption length range {low_text}..{self.text_length} is empty")
-
-    def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["shapes"] = {name: {"min": list(lo), "opt": list(opt), "max": list(hi)}
-                          for name, (lo, opt, hi) in profile_shapes(self).items()}
-        return data
-
-
-def profile_shapes(profile: EngineProfile) -> dict[str, tuple[Shape, Shape, Shape]]:
-    """Per network input: its (min, opt, max) shape under `profile`."""
-    def at(batch: int, hw: HW, text: int, latent_cells: Callable[[int], int]) -> dict[str, Shape]:
-        height, width = hw
-        return {
-            "x": (batch, 3, height, width),
-            "t": (batch,),
-            "y": (batch, text, profile.txt_dim),
-            "lq_latent": (batch, profile.latent_channels, latent_cells(height), latent_cells(width)),
-            "degrade_sigma": (batch,),
-        }
-
-    scale = profile.pixel_scale
-    low_text = profile.text_length if profile.min_text_length is None else profile.min_text_length
-    low = at(profile.min_batch, profile.min_hw, low_text, lambda px: max(px // scale, 1))
-    opt = at(profile.opt_batch, profile.opt_hw, profile.text_length, lambda px: max(px // scale, 1))
-    high = at(profile.max_batch, profile.max_hw, profile.text_length, lambda px: -(-px // scale))
-    return {name: (low[name], opt[name], high[name]) for name in INPUT_NAMES}
-
-
-# ---------------------------------------------------------------------------
 # Files
 
 
@@ -331,59 +214,6 @@ def _model_precision(onnx_path: Path) -> str:
     if meta_path.exists():
         return ModelMetadata.load(meta_path).precision
     return "unknown"
-
-
-# ---------------------------------------------------------------------------
-# Several profiles (pure)
-
-# 2kto4k releases get two profiles: kernels tuned at 2048x2048 for the 2K class (up to
-# 2688x2688, the largest 2K training bucket side) and at 3840x3840 over the whole range.
-PROFILE_2K_CLASS_OPT, PROFILE_2K_CLASS_MAX = (2048, 2048), (2688, 2688)
-PROFILE_4K_CLASS_OPT = (3840, 3840)
-
-
-@dataclass(frozen=True)
-class ProfileSpec:
-    """One profile as asked for: its opt size, and min/max when they differ from the export's range."""
-
-    opt: HW
-    min: HW | None = None
-    max: HW | None = None
-
-
-def parse_profiles(text: str) -> list[ProfileSpec]:
-    """'--profiles' value: comma-separated profiles, each OPT or MIN:OPT:MAX (HxW), e.g.
-    '2048x2048,3840x3840' or '1536x1536:2048x2048:2688x2688,1536x1536:3840x3840:4096x4096'."""
-    specs = []
-    for entry in text.split(","):
-        parts = [parse_hw(p) for p in entry.split(":")]
-        if len(parts) == 1:
-            specs.append(ProfileSpec(parts[0]))
-        elif len(parts) == 3:
-            specs.append(ProfileSpec(parts[1], parts[0], parts[2]))
-        else:
-            raise EngineError(f"profile {entry.strip()!r} is not OPT or MIN:OPT:MAX (each HxW)")
-    return specs
-
-
-def default_profile_specs(release: Any) -> list[ProfileSpec] | None:
-    """The profiles a release gets when the user names none; None means one profile over
-    its trained range tuned at its main size."""
-    if release is None or not str(getattr(release, "variant", "")).startswith("2kto4k"):
-        return None
-    return [ProfileSpec(PROFILE_2K_CLASS_OPT, max=PROFILE_2K_CLASS_MAX), ProfileSpec(PROFILE_4K_CLASS_OPT)]
-
-
-def engine_profiles(meta: ModelMetadata, specs: Sequence[ProfileSpec] | None, min_hw: HW | None = None,
-                    opt_hw: HW | None = None, max_hw: HW | None = None, *, max_batch: int = 1) -> list[EngineProfile]:
-    """The engine's profiles: one per spec (a spec's own min/max win over --min/--max), or
-    one from --min/--opt/--max and the export's range when there are no specs."""
-    if not specs:
-        return [EngineProfile.for_metadata(meta, min_hw, opt_hw, max_hw, max_batch=max_batch)]
-    if opt_hw is not None:
-        raise EngineError("give either --opt or --profiles (each profile names its opt size), not both")
-    return [EngineProfile.for_metadata(meta, spec.min or min_hw, spec.opt, spec.max or max_hw, max_batch=max_batch)
-            for spec in specs]
 
 
 # ---------------------------------------------------------------------------
@@ -490,7 +320,7 @@ def build_engine(onnx_path: Path | str, out_dir: Path | str, profiles: EnginePro
     sidecar.unlink(missing_ok=True)  # never leave an old sidecar describing a new plan
     write_atomic(plan_path, bytes(plan))
     del plan
-    write_atomic(sidecar, (json.dumps(meta, indent=1) + "\n").encode())
+    meta.save(sidecar)
     return plan_path
 
 
@@ -577,30 +407,30 @@ def _check_profiles_fit(profiles: Sequence[EngineProfile], io: Mapping[str, Any]
 
 def _engine_metadata(onnx_path: Path, profiles: Sequence[EngineProfile], as_built: Sequence[Mapping[str, Any]],
                      io: Mapping[str, Any], target: BuildTarget, *, stripped: bool, opt_level: int, workspace_gb: float | None, attention: tuple[int, int],
-                     seconds: float) -> dict[str, Any]:
+                     seconds: float) -> EngineMetadata:
     lib = target.library
-    return {
-        "format": ENGINE_METADATA_FORMAT,
-        "library": lib.key,
-        "library_name": lib.label,
-        "library_version": lib.version,
-        "compute_capabilities": list(target.compute_capabilities),
-        "compute_capabilities_source": target.source,
-        "built_on": target.gpu_name or "CPU (ahead of time)",
-        "precision": _model_precision(onnx_path),
-        "profiles": [dict(profile.to_dict(), as_built=shapes) for profile, shapes in zip(profiles, as_built)],
-        "inputs": io["inputs"],
-        "outputs": io["outputs"],
-        "attention_layers": attention[0],
-        "decomposable_attention_layers": attention[1],
-        "onnx_name": onnx_path.name,
-        "onnx_sha256": onnx_sha256(onnx_path),
-        "stripped": stripped,
-        "builder_optimization_level": opt_level,
-        "workspace_gb": workspace_gb,
-        "build_seconds": round(seconds, 1),
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    }
+    return EngineMetadata(
+        format=ENGINE_METADATA_FORMAT,
+        library=lib.key,
+        library_name=lib.label,
+        library_version=lib.version,
+        compute_capabilities=list(target.compute_capabilities),
+        compute_capabilities_source=target.source,
+        built_on=target.gpu_name or "CPU (ahead of time)",
+        precision=_model_precision(onnx_path),
+        profiles=[dict(profile.to_dict(), as_built=shapes) for profile, shapes in zip(profiles, as_built)],
+        inputs=list(io["inputs"]),
+        outputs=list(io["outputs"]),
+        attention_layers=attention[0],
+        decomposable_attention_layers=attention[1],
+        onnx_name=onnx_path.name,
+        onnx_sha256=onnx_sha256(onnx_path),
+        stripped=stripped,
+        builder_optimization_level=opt_level,
+        workspace_gb=workspace_gb,
+        build_seconds=round(seconds, 1),
+        created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    )
 
 
 def set_aside_rejected(plan_path: Path) -> Path:
@@ -615,7 +445,8 @@ def set_aside_rejected(plan_path: Path) -> Path:
     return rejected
 
 
-__all__ = ["BuildTarget", "EngineError", "EngineProfile", "MissingSizeRange", "ProfileSpec", "build_engine", "build_target",
+__all__ = ["HW", "PROFILE_2K_CLASS_MAX", "PROFILE_2K_CLASS_OPT", "PROFILE_4K_CLASS_OPT", "BuildTarget", "EngineError",
+           "EngineProfile", "MissingSizeRange", "ProfileSpec", "Shape", "build_engine", "build_target",
            "default_profile_specs", "engine_profiles", "mark_fp32_attention_decomposable", "parse_compute_capabilities",
            "parse_hw", "parse_profiles", "profile_shapes", "set_aside_rejected", "tensorrt_status",
            "why_engines_cannot_run_here", "write_atomic"]

@@ -13,7 +13,6 @@ be verified, and `pid-export --verify` refuses before the export (see pipeline.p
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -21,8 +20,10 @@ from typing import Any, Callable, Mapping
 import numpy as np
 import torch
 
-from pid_runtime.backends.base import BackendError
-from pid_runtime.backends.tensorrt import TensorRTBackend, engine_metadata_path
+from pid_runtime.backends.base import BackendError, OutOfDeviceMemory
+from pid_runtime.backends.tensorrt import TensorRTBackend
+from pid_runtime.engine_metadata import EngineMetadata
+from pid_runtime.trt_plan import engine_metadata_path
 from pid_runtime.metadata import ENGINE_NAME, INPUT_NAMES, MODEL_METADATA, ModelMetadata
 
 from .engine import EngineError
@@ -124,11 +125,16 @@ def verify_engine(engine: Path | str, onnx_path: Path | str | None = None, *, ne
     sidecar = engine_metadata_path(plan_path)
     if not sidecar.exists():
         raise EngineError(f"{sidecar} is missing: cannot tell which sizes {plan_path.name} accepts")
-    engine_meta = json.loads(sidecar.read_text())
-    profiles = engine_meta.get("profiles") or [engine_meta["profile"]]
-    precision = str(engine_meta.get("precision", "unknown"))
+    try:
+        engine_meta = EngineMetadata.load(sidecar)
+    except BackendError as exc:
+        raise EngineError(str(exc)) from None
+    profiles = engine_meta.profiles
+    if not profiles:
+        raise EngineError(f"{sidecar} lists no optimization profile: cannot tell which sizes {plan_path.name} accepts")
+    precision = engine_meta.precision or "unknown"
     meta = _metadata_for(plan_path, profiles[0])
-    onnx_file = Path(onnx_path) if onnx_path is not None else plan_path.parent / engine_meta["onnx_name"]
+    onnx_file = Path(onnx_path) if onnx_path is not None else plan_path.parent / engine_meta.onnx_name
     sizes = verify_sizes(profiles)
     results: list[VerifyResult] = []
     try:
@@ -150,10 +156,11 @@ def verify_engine(engine: Path | str, onnx_path: Path | str | None = None, *, ne
                 else:
                     reference = f"ONNX Runtime ({onnx_file.name})"
                     want = _run_onnxruntime(onnx_file, {n: inputs[n].numpy() for n in INPUT_NAMES})
-            except torch.OutOfMemoryError:
+            except (torch.OutOfMemoryError, OutOfDeviceMemory):  # the reference's, or the engine's buffers
                 if not label.startswith("max"):
                     raise EngineError(f"out of GPU memory verifying the engine at {label} "
-                                      f"{batch}x3x{height}x{width}") from None
+                                      f"{batch}x3x{height}x{width}: free the GPU, or build with a smaller "
+                                      f"--max / --max-batch") from None
                 log(f"skipped {label} ({batch}x3x{height}x{width}): the engine and the float32 reference "
                     f"do not fit in GPU memory together")
                 torch.cuda.empty_cache()

@@ -164,7 +164,7 @@ def run_command(model: str, latents: str, out: str | None, caption_embeds: str |
     size = parse_size(size_text)
     # Cheap checks first, so a typo costs no model load.
     out_path = check_output_path(out, int(bit_depth)) if out is not None else None
-    model_file = preflight(model, trt, note=say)
+    model_file = preflight(model, trt, note=say, device=device)
     if pipeline is None and (ldm_size or vae_bn_stats):
         raise InputError("--ldm-size and --vae-bn-stats apply to pipeline latents: add --pipeline BACKBONE")
     if pipeline is None:

@@ -19,13 +19,32 @@ Backend-agnostic: works for any velocity function that runs on CUDA.
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor
 
 from .sampler import (MAX_STEPS, TIMESCALE, Noise, VelocityFn, as_noise, check_finite, finish, float32,
                       num_renoise, sampler_step, timesteps)
+
+
+def _capture(graph: torch.cuda.CUDAGraph, stream: torch.cuda.Stream, pool: Any,
+             step: Callable[[], Tensor]) -> Tensor:
+    """`step()` captured into `graph`. When the step itself fails (an engine launch refused
+    during capture), that error is raised, not the capture's own "operation not permitted"
+    that ending a broken capture raises on top of it."""
+    failure: BaseException | None = None
+    try:
+        with torch.cuda.graph(graph, stream=stream, pool=pool):
+            try:
+                return step()
+            except BaseException as exc:
+                failure = exc
+                raise
+    except BaseException:
+        if failure is not None:
+            raise failure from None
+        raise
 
 
 class CapturedSampler:
@@ -48,19 +67,19 @@ class CapturedSampler:
             side.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(side):
                 # Warm-up outside the capture: TensorRT needs one execute before it can be
-                # captured, and torch initialises its kernels lazily. x holds zeros or the
-                # caller's last values; either way finite, and overwritten on every run.
+                # captured, and torch initialises its kernels lazily. One step is enough (every
+                # step runs the same network; a whole decode per new shape costs seconds at 4K).
+                # x holds zeros or the caller's last values; finite, and overwritten on every run.
                 self.x.zero_()
-                for i, (t, t_next) in enumerate(pairs):
-                    sampler_step(velocity, self.x, self.eps, self.t_in[i], t, t_next)
+                sampler_step(velocity, self.x, self.eps, self.t_in[0], *pairs[0])
             torch.cuda.current_stream(self.device).wait_stream(side)
             self.graphs: list[torch.cuda.CUDAGraph] = []
             self.outputs: list[Tensor] = []  # each step's network output (its address is fixed)
             pool = None
             for i, (t, t_next) in enumerate(pairs):
                 graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, stream=side, pool=pool):
-                    self.outputs.append(sampler_step(velocity, self.x, self.eps, self.t_in[i], t, t_next))
+                self.outputs.append(_capture(graph, side, pool, lambda: sampler_step(
+                    velocity, self.x, self.eps, self.t_in[i], t, t_next)))
                 pool = graph.pool()  # one memory pool for all steps
                 self.graphs.append(graph)
 

@@ -65,7 +65,7 @@ class PidDecoder:
         built it). `notify` receives notes, e.g. why a directory's engine is not used here.
         `threads`: ONNX Runtime's intra-op threads (e.g. a serving replica's share of the cores).
         """
-        model_path = preflight(path, trt, note=notify)
+        model_path = preflight(path, trt, note=notify, device=device)
         backend = open_backend(model_path, device=device, cuda_graph=cuda_graph, trt=trt, log=notify, threads=threads)
         try:
             return cls(backend, model_path, backbone=backbone, caption_model=caption_model, notify=notify)

@@ -24,11 +24,18 @@ import importlib
 import os
 from dataclasses import dataclass
 from types import ModuleType
-from typing import Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 import torch
 
 from .backends.base import BackendError
+
+if TYPE_CHECKING:
+    import tensorrt as trt
+
+    from .engine_metadata import EngineMetadata
+
+Shape = tuple[int, ...]
 
 ENV_VAR = "PID_TRT"
 AUTO, ENTERPRISE, RTX = "auto", "tensorrt", "rtx"
@@ -130,6 +137,14 @@ class TensorRTLibrary:
         return config is not None and hasattr(config, "set_runtime_cache")
 
     @property
+    def eager_kernel_specialization(self) -> Any:
+        """The runtime config value that compiles each shape's specialised kernels before its
+        first run (TensorRT-RTX's `DynamicShapesKernelSpecializationStrategy.EAGER`), or None
+        where kernels are not specialised at run time (enterprise TensorRT)."""
+        strategy = getattr(self.module, "DynamicShapesKernelSpecializationStrategy", None)
+        return getattr(strategy, "EAGER", None)
+
+    @property
     def has_whole_graph_capture(self) -> bool:
         """The library captures and replays each engine launch as a CUDA graph itself."""
         return hasattr(getattr(self.module, "CudaGraphStrategy", None), "WHOLE_GRAPH_CAPTURE")
@@ -216,18 +231,18 @@ def library_status(choice: str | None = None) -> tuple[TensorRTLibrary | None, s
     return lib, lib.description
 
 
-def library_for_plan(engine_meta: Mapping[str, Any] | None, choice: str | None = None,
+def library_for_plan(engine_meta: "EngineMetadata | None", choice: str | None = None,
                      plan_name: str = "engine plan") -> TensorRTLibrary:
     """The library that can load a plan: the one its sidecar names (a sidecar from before
     TensorRT-RTX support names none and means enterprise TensorRT). Asking for the other
     one, or not having the right one, is refused with one line."""
     if engine_meta is None:
         return select_library(choice)
-    built_key = str(engine_meta.get("library") or ENTERPRISE)
+    built_key = engine_meta.library or ENTERPRISE
     if built_key not in KINDS:
         raise LibraryError(f"{plan_name} was built with an unknown library {built_key!r}; rebuild it with pid-export")
     built = KINDS[built_key]
-    built_version = engine_meta.get("library_version") or engine_meta.get("tensorrt_version") or ""
+    built_version = engine_meta.library_version or ""
     built_text = f"{built.label} {built_version}".strip()
     wanted = normalise_choice(choice)
     if wanted not in (AUTO, built_key):
@@ -246,6 +261,67 @@ def rtx_default_targets_include(compute_capability: str) -> bool:
     return f"{major}.{minor}" in RTX_DEFAULT_TARGETS or int(major) >= 12
 
 
+# ---------------------------------------------------------------------------
+# Glue shared by the builder (pid_export.engine) and the backend (needs a library)
+
+
+def recording_logger(lib: TensorRTLibrary, errors: list[str], echo: Callable[[str], None] | None = None,
+                     verbose: bool = False) -> "trt.ILogger":
+    """A logger of `lib` that appends error messages to `errors` (the reason behind a None
+    from the builder or runtime) and echoes warnings and errors."""
+    if TYPE_CHECKING:
+        import tensorrt as trt
+    else:
+        trt = lib.module
+
+    error_levels = {trt.ILogger.Severity.ERROR, trt.ILogger.Severity.INTERNAL_ERROR}
+    echo_levels = error_levels | {trt.ILogger.Severity.WARNING}
+    if verbose:
+        echo_levels |= {trt.ILogger.Severity.INFO}
+    label = lib.label
+
+    class RecordingLogger(trt.ILogger):
+        def __init__(self) -> None:
+            trt.ILogger.__init__(self)  # TensorRT requires the explicit base init
+
+        def log(self, severity: trt.ILogger.Severity, msg: str) -> None:
+            if severity in error_levels:
+                errors.append(msg)
+            if echo is not None and severity in echo_levels:
+                echo(f"[{label}] {msg}")
+
+    return RecordingLogger()
+
+
+def last_errors(errors: Sequence[str], count: int = 3) -> str:
+    return " | ".join(errors[-count:]) if errors else "no error was logged"
+
+
+def dims_tuple(dims: "trt.Dims") -> Shape:
+    return tuple(int(dims[i]) for i in range(len(dims)))
+
+
+def torch_dtype(lib: TensorRTLibrary, dtype: "trt.DataType") -> torch.dtype:
+    if TYPE_CHECKING:
+        import tensorrt as trt
+    else:
+        trt = lib.module
+
+    table = {
+        trt.DataType.FLOAT: torch.float32,
+        trt.DataType.HALF: torch.float16,
+        trt.DataType.BF16: torch.bfloat16,
+        trt.DataType.INT32: torch.int32,
+        trt.DataType.INT64: torch.int64,
+        trt.DataType.INT8: torch.int8,
+        trt.DataType.UINT8: torch.uint8,
+        trt.DataType.BOOL: torch.bool,
+    }
+    if dtype not in table:
+        raise BackendError(f"engine I/O type {dtype} has no torch equivalent")
+    return table[dtype]
+
+
 __all__ = ["AUTO", "CHOICES", "ENTERPRISE", "ENV_VAR", "KINDS", "LibraryError", "RTX", "RTX_DEFAULT_TARGETS",
            "TensorRTLibrary", "choose_library", "gpu_visible", "library_for_plan", "library_status",
-           "load", "normalise_choice", "rtx_default_targets_include", "select_library"]
+           "last_errors", "load", "normalise_choice", "recording_logger", "torch_dtype", "dims_tuple", "rtx_default_targets_include", "select_library"]

@@ -54,6 +54,7 @@ from pid_runtime.backends.tensorrt import (
     select_profile,
     union_ranges,
 )
+from pid_runtime.engine_metadata import EngineMetadata
 from pid_runtime.metadata import ModelMetadata
 from pid_runtime.trt_library import (
     ENV_VAR,
@@ -125,7 +126,8 @@ def test_profile_shapes_for_released_configs(release, sizes, latent):
         x, t, y, lq, sigma = got
         assert x == (1, 3, height, width)
         assert t == (1,) and sigma == (1,)
-        assert y == (1, 300, 2304)  # caption length fixed at the released max
+        # captions of 1..300 tokens, tuned (opt) at the 300 the caption encoder pads to (issue 20 item 1)
+        assert y == ((1, 1, 2304) if (height, width) == sizes[0] else (1, 300, 2304))
         assert lq == (1, channels, lh, lw)
 
 
@@ -345,8 +347,9 @@ def test_profile_violation_names_the_allowed_range():
     assert "outside the engine profile 1536x1536" in profile_violation(_decode_shapes(1, 1024, 2048), ranges)
     assert profile_violation(_decode_shapes(3, 2048, 2048), ranges) == (
         "batch 3 (input x) is outside the engine profile: allowed 1..2")
-    assert profile_violation(_decode_shapes(1, 2048, 2048, text=77), ranges) == (
-        "caption length 77 (input y) is outside the engine profile: allowed 300")
+    assert profile_violation(_decode_shapes(1, 2048, 2048, text=77), ranges) is None  # shorter captions fit
+    assert profile_violation(_decode_shapes(1, 2048, 2048, text=301), ranges) == (
+        "caption length 301 (input y) is outside the engine profile: allowed 1..300")
     assert profile_violation(_decode_shapes(1, 2048, 2048, channels=4), ranges) == (
         "latent channels 4 (input lq_latent) is outside the engine profile: allowed 16")
 
@@ -386,7 +389,7 @@ def test_engine_sidecar_loading(tmp_path):
     with pytest.raises(BackendError, match="cannot read engine metadata"):
         load_engine_metadata(plan)
     (tmp_path / "engine.json").write_text(json.dumps(BUILT_HERE))
-    assert load_engine_metadata(plan) == BUILT_HERE
+    assert load_engine_metadata(plan) == EngineMetadata.from_dict(BUILT_HERE)
 
 
 def test_write_atomic_leaves_no_partial_file(tmp_path):
@@ -499,15 +502,15 @@ def test_asking_for_enterprise_tensorrt_where_it_is_absent_says_how_to_get_it():
 
 def test_a_plan_is_never_handed_to_the_other_library():
     with pytest.raises(LibraryError) as info:
-        library_for_plan(RTX_DEFAULT, "tensorrt", "engine.plan")
+        library_for_plan(EngineMetadata.from_dict(RTX_DEFAULT), "tensorrt", "engine.plan")
     assert str(info.value) == (
         "engine.plan was built with TensorRT-RTX 1.7.1.116 and cannot run with TensorRT (a plan runs only with the "
         "library that built it): rebuild it with pid-export --trt tensorrt, or use TensorRT-RTX")
     with pytest.raises(LibraryError, match="built with TensorRT 10.14.1.48 and cannot run with TensorRT-RTX"):
-        library_for_plan(BUILT_HERE, "rtx", "engine.plan")
+        library_for_plan(EngineMetadata.from_dict(BUILT_HERE), "rtx", "engine.plan")
     old = {"tensorrt_version": "10.14.1.48"}  # older sidecars: enterprise TensorRT
     with pytest.raises(LibraryError, match="built with TensorRT 10.14.1.48 and cannot run with TensorRT-RTX"):
-        library_for_plan(old, "rtx", "engine.plan")
+        library_for_plan(EngineMetadata.from_dict(old), "rtx", "engine.plan")
 
 
 def _backend_error(tmp_path: Path, sidecar: dict) -> str:
@@ -612,8 +615,9 @@ def test_backend_methods_that_touch_the_gpu_run_on_its_device():
 # ---------------------------------------------------------------------------
 # Static typing against tensorrt-stubs (the CI check for this layer)
 
-TYPED_MODULES = ("pid_export.engine", "pid_runtime.backends.tensorrt", "pid_runtime.trt_library",
-                 "pid_runtime.cuda_graph")
+TYPED_MODULES = ("pid_export.engine", "pid_export.engine_profiles", "pid_runtime.backends.tensorrt",
+                 "pid_runtime.trt_library", "pid_runtime.trt_plan", "pid_runtime.cuda_graph",
+                 "pid_runtime.engine_metadata")
 # Proves the check is real: these two lines must be flagged, so the stubs and
 # pid_runtime were both resolved (not silently treated as Any).
 CANARY = '''import tensorrt as trt
@@ -799,16 +803,21 @@ def test_engine_refuses_shapes_outside_its_profile(tiny_engine):
 def test_plan_from_another_tensorrt_or_gpu_is_refused_not_crashed(tiny_engine, tmp_path):
     _, out = tiny_engine
     rtx = json.loads((out / "engine.json").read_text())["library"] == "rtx"
-    for field, value, sentence in (
-            ("library_version", "9.0.0.1", "built with another TensorRT-RTX version" if rtx else
-             "engine plan is not compatible with this version of TensorRT"),
-            ("compute_capabilities", ["1.0"], "engine plan targets compute capability 1.0" if rtx else
-             "engine plan was generated on an incompatible device")):
+    # A sidecar claiming targets no GPU has: refused from the sidecar, before the plan is read.
+    cases = [("compute_capabilities", ["1.0"], "engine plan targets compute capability 1.0" if rtx else
+              "engine plan was generated on an incompatible device")]
+    if not rtx:
+        # Enterprise plans run only with the exact library version, checked from the sidecar.
+        # (A TensorRT-RTX plan's version is checked by get_engine_validity on the plan header,
+        # which no sidecar edit changes: that refusal needs a plan from another release.)
+        cases.append(("library_version", "9.0.0.1", "engine plan is not compatible with this version of TensorRT"))
+    for field, value, sentence in cases:
         copy = tmp_path / field
         shutil.copytree(out, copy)
         meta = json.loads((copy / "engine.json").read_text())
         meta[field] = value
-        meta["compute_capabilities_source"] = "--compute-capability"
+        if field == "compute_capabilities":
+            meta["compute_capabilities_source"] = "--compute-capability"  # an explicit list, not the defaults
         (copy / "engine.json").write_text(json.dumps(meta))
         with pytest.raises(BackendError, match=sentence):
             TensorRTBackend(copy / "engine.plan")

@@ -27,17 +27,18 @@ __all__ = ["ACCEPTED_KINDS", "Backend", "BackendError", "load_model_metadata", "
 
 
 def resolve_model_path(path: str | os.PathLike[str], trt: str | None = None,
-                       note: Callable[[str], None] | None = None) -> Path:
+                       note: Callable[[str], None] | None = None,
+                       device: str | torch.device | None = None) -> Path:
     """The model file `path` names: itself, or an export directory's engine (preferred when it
-    can run here) or ONNX. A directory whose engine cannot run on this machine (no GPU, no
+    can run here, on `device`) or ONNX. A directory whose engine cannot run on this machine (no GPU, no
     library for it; TensorRT-RTX builds engines on CPU-only machines) uses its ONNX, with a note."""
     path = Path(path)
     if path.is_dir():
         engine, onnx = path / ENGINE_NAME, path / ONNX_NAME
         if engine.is_file():
-            from .tensorrt import why_plan_cannot_run_here  # needs no TensorRT
+            from ..trt_plan import why_plan_cannot_run_here  # needs no TensorRT
 
-            problem = why_plan_cannot_run_here(engine, trt) if onnx.is_file() else None
+            problem = why_plan_cannot_run_here(engine, trt, device) if onnx.is_file() else None
             if problem is None:
                 return engine
             if note is not None:
@@ -87,21 +88,24 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 
 
 def preflight(path: str | os.PathLike[str], trt: str | None = None,
-              note: Callable[[str], None] | None = None) -> Path:
+              note: Callable[[str], None] | None = None, device: str | torch.device | None = None) -> Path:
     """Cheap checks before any input is read: the model file, and a TensorRT library for an engine.
+
+    `device` is the one that will run it (None/"auto": the current CUDA device): an engine is
+    checked against that GPU, so `--device cuda:1` with an H100 plan is not judged by cuda:0.
 
     An engine's blockers (not a plan at all, no library that can load it, no GPU it runs on)
     are reported first, so `pid-run some.plan ...` on a machine without TensorRT says so
     straight away.
     """
-    model_path = resolve_model_path(path, trt, note)
+    model_path = resolve_model_path(path, trt, note, device)
     if model_path.suffix.lower() in TENSORRT_SUFFIXES:
-        from .tensorrt import ONNX_FALLBACK, probe_plan, why_plan_cannot_run_here  # all work without TensorRT
+        from ..trt_plan import ONNX_FALLBACK, probe_plan, why_plan_cannot_run_here  # all work without TensorRT
 
         problem = probe_plan(model_path)
         if problem is not None:
             raise BackendError(problem)
-        why = why_plan_cannot_run_here(model_path, trt)
+        why = why_plan_cannot_run_here(model_path, trt, device)
         if why is not None:
             raise BackendError(f"cannot run {model_path}: {why} ({ONNX_FALLBACK})")
     return model_path
@@ -116,7 +120,7 @@ def open_backend(path: str | os.PathLike[str], device: str | torch.device | None
     `log` receives notes (which model file a directory resolved to, runtime-cache notes).
     `threads`: ONNX Runtime's intra-op threads (TensorRT runs on the GPU and ignores it).
     """
-    model_path = preflight(path, trt, log)
+    model_path = preflight(path, trt, log, device)
     if model_path.suffix.lower() in TENSORRT_SUFFIXES:
         from .tensorrt import TensorRTBackend  # importable without TensorRT; it imports TensorRT lazily
 

@@ -19,6 +19,10 @@ class BackendError(RuntimeError):
     """A problem the user can fix (bad model file, missing library, shape outside the profile)."""
 
 
+class OutOfDeviceMemory(BackendError):
+    """The device has too little free memory for these shapes (the message says what to make smaller)."""
+
+
 class Backend(ABC):
     name: str = "base"
 
@@ -43,4 +47,5 @@ class Backend(ABC):
         return None
 
     def close(self) -> None:
-        pass
+        """Release what `bind` allocated. The backend stays usable: a later `bind` allocates again
+        (so a decoder used in `with` can be used again); the model itself is kept."""

@@ -3,9 +3,9 @@ or TensorRT-RTX (whichever built it; see `pid_runtime.trt_library`).
 
 The library is imported lazily, so `pid_runtime` works without one. The checks a
 user meets first (is this file a plan, which library built it, does it fit this
-GPU, is a shape inside one of the engine's profiles) are plain functions that
-need no TensorRT: `probe_plan`, `check_plan_compatibility`, `select_profile`,
-`profile_violation`.
+GPU, is a shape inside one of the engine's profiles) need no TensorRT and live in
+`pid_runtime.trt_plan` (re-exported here); the logger and type tables shared with
+the builder in `pid_runtime.trt_library`.
 
 Buffer discipline: per (profile, batch, H, W, text length) the input shapes are set,
 the I/O buffers (torch CUDA tensors) are allocated and their addresses handed to
@@ -13,10 +13,14 @@ TensorRT once; each network call then only copies `t` and runs `execute_async_v3
 The sampler keeps x in the bound x buffer (`input_buffer`). Every method that
 enqueues CUDA work runs with the backend's device current (`--device cuda:1`).
 
-TensorRT-RTX specialises kernels at first run (JIT); those kernels are kept in
+TensorRT-RTX specialises kernels for each new shape before its first run (EAGER, so
+every run of a shape uses the same kernels, see `_create_context`); they are kept in
 `engine.runtime.cache` beside the plan (written atomically when the engine is
 closed, reused on the next run, ignored with a note when it was made for another
 GPU or library version).
+
+`close()` releases the per-shape buffers and scratch memory and keeps the engine: the
+backend stays usable, the next `bind()` allocates again (as ONNX Runtime's does).
 """
 
 from __future__ import annotations
@@ -29,264 +33,40 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence, TypeVar
 import torch
 from torch import Tensor
 
+from ..engine_metadata import EngineMetadata
+from ..errors import first_line
 from ..io import atomic_write
 from ..metadata import INPUT_NAMES, OUTPUT_NAMES, ModelMetadata
 from ..precision import precision_problem
 from ..sampler import MAX_STEPS, sample
-from ..trt_library import (
-    RTX,
-    LibraryError,
-    TensorRTLibrary,
-    library_for_plan,
-    rtx_default_targets_include,
+from ..trt_library import dims_tuple, last_errors, recording_logger, torch_dtype
+from ..trt_plan import (  # re-exported: the plan checks were first defined here
+    ONNX_FALLBACK,
+    ProfileShapes,
+    Shape,
+    check_plan_compatibility,
+    compute_capability_string,
+    describe_invalidity,
+    engine_metadata_path,
+    load_engine_metadata,
+    out_of_memory_line,
+    probe_plan,
+    profile_violation,
+    require_tensorrt,
+    runtime_cache_path,
+    select_profile,
+    shapes_text,
+    union_ranges,
+    why_engine_cannot_run,
+    why_plan_cannot_run_here,
 )
-from .base import Backend, BackendError
+from .base import Backend, BackendError, OutOfDeviceMemory
 
 if TYPE_CHECKING:
     import tensorrt as trt
 
     from ..cuda_graph import CapturedSampler
     from ..sampler import Noise
-
-ONNX_FALLBACK = "pid-run can run the export directory's model.onnx with ONNX Runtime instead"
-RUNTIME_CACHE_SUFFIX = ".runtime.cache"
-
-Shape = tuple[int, ...]
-ProfileShapes = dict[str, tuple[Shape, Shape, Shape]]  # input name -> (min, opt, max)
-
-
-def require_tensorrt(engine_meta: Mapping[str, Any] | None = None, choice: str | None = None,
-                     plan_name: str = "engine plan") -> TensorRTLibrary:
-    """The library that can load this plan; BackendError (one line) when there is none."""
-    try:
-        return library_for_plan(engine_meta, choice, plan_name)
-    except LibraryError as exc:
-        raise BackendError(f"{exc} ({ONNX_FALLBACK})") from None
-
-
-# ---------------------------------------------------------------------------
-# Checks on a plan file and its metadata sidecar (no TensorRT needed)
-
-
-def probe_plan(path: Path) -> str | None:
-    """What is obviously wrong with `path` as a TensorRT plan, or None.
-
-    The plan format itself is undocumented, so this only recognises files that
-    are certainly something else; TensorRT has the last word when it loads.
-    """
-    path = Path(path)
-    if not path.exists():
-        return f"engine file {path} does not exist"
-    if path.is_dir():
-        return f"engine path {path} is a directory (expected an engine.plan file)"
-    with path.open("rb") as handle:
-        head = handle.read(64)
-    if not head:
-        return f"{path} is empty, not a TensorRT engine (the build may have been interrupted)"
-    kind = _known_non_plan(head, path.suffix.lower())
-    if kind is not None:
-        return f"{path} is {kind}, not a TensorRT engine plan"
-    return None
-
-
-def _known_non_plan(head: bytes, suffix: str) -> str | None:
-    stripped = head.lstrip()
-    if stripped[:1] in (b"{", b"["):
-        return "a JSON file"
-    if head.startswith(b"\x93NUMPY"):
-        return "a NumPy .npy file"
-    if head.startswith(b"PK\x03\x04"):
-        return "a zip archive (.npz / .pth?)"
-    if len(head) >= 10 and head[8:10] == b'{"':
-        return "a safetensors file"
-    if suffix == ".onnx" or _looks_like_onnx(head):
-        return "an ONNX model (build an engine with pid-export, or run it with the ONNX Runtime backend)"
-    return None
-
-
-def _looks_like_onnx(head: bytes) -> bool:
-    # An ONNX ModelProto starts with field 1 (ir_version, a small varint),
-    # followed by another ModelProto field tag (producer, domain, graph, opsets).
-    model_proto_tags = {0x12, 0x1A, 0x22, 0x28, 0x32, 0x3A, 0x42, 0x72}
-    return len(head) >= 3 and head[0] == 0x08 and 1 <= head[1] <= 30 and head[2] in model_proto_tags
-
-
-def engine_metadata_path(plan_path: Path) -> Path:
-    """The sidecar of `engine.plan` is `engine.json` (same stem, next to it)."""
-    return Path(plan_path).with_suffix(".json")
-
-
-def load_engine_metadata(plan_path: Path) -> dict[str, Any] | None:
-    """The plan's sidecar as a dict, None when there is none; BackendError when unreadable."""
-    path = engine_metadata_path(plan_path)
-    if not path.exists():
-        return None
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BackendError(f"cannot read engine metadata {path}: {exc}") from None
-    if not isinstance(data, dict):
-        raise BackendError(f"engine metadata {path} is not a JSON object")
-    return data
-
-
-def runtime_cache_path(plan_path: Path) -> Path:
-    """TensorRT-RTX's JIT kernel cache of `engine.plan` is `engine.runtime.cache` beside it."""
-    plan_path = Path(plan_path)
-    return plan_path.with_name(plan_path.stem + RUNTIME_CACHE_SUFFIX)
-
-
-def built_compute_capabilities(engine_meta: Mapping[str, Any]) -> list[str]:
-    """The compute capabilities a plan targets, from its sidecar (older sidecars: one GPU's)."""
-    listed = engine_meta.get("compute_capabilities")
-    if isinstance(listed, list):
-        return [str(cc) for cc in listed]
-    single = engine_meta.get("compute_capability")
-    return [str(single)] if single else []
-
-
-def check_plan_compatibility(engine_meta: Mapping[str, Any], library: str, library_version: str,
-                             compute_capability: str) -> str | None:
-    """The sentence the library would log when refusing this plan on this GPU, or None.
-
-    Enterprise TensorRT: a plan runs only with the exact library version and the GPU
-    compute capability it was built with (TensorRT's own wording: "expecting" is this
-    machine, "got" the plan). TensorRT-RTX: a plan runs on the compute capabilities it
-    targets (its defaults, or the --compute-capability list it was built for); its
-    version fit is left to `get_engine_validity`. Fields a sidecar lacks are not checked.
-    """
-    targets = built_compute_capabilities(engine_meta)
-    if library == RTX:
-        default = engine_meta.get("compute_capabilities_source", "library default") == "library default"
-        fits = rtx_default_targets_include(compute_capability) if default else compute_capability in targets
-        if targets and not fits:
-            return (f"engine plan targets compute capability {', '.join(targets)} and this GPU is "
-                    f"{compute_capability}: TensorRT-RTX engines run on RTX-class GPUs only (use enterprise "
-                    f"TensorRT on data-centre GPUs: pid-export --trt tensorrt), or rebuild with "
-                    f"--compute-capability {compute_capability}")
-        return None
-    built_version = engine_meta.get("library_version") or engine_meta.get("tensorrt_version")
-    if built_version and str(built_version) != library_version:
-        return (f"engine plan is not compatible with this version of TensorRT, expecting library "
-                f"version {library_version} got {built_version}; rebuild it here with pid-export")
-    if targets and compute_capability not in targets:
-        gpu = engine_meta.get("gpu_name")
-        built_on = f" ({gpu})" if gpu else ""
-        return (f"engine plan was generated on an incompatible device{built_on}, expecting compute "
-                f"{compute_capability} got compute {', '.join(targets)}; rebuild it on this GPU with pid-export")
-    return None
-
-
-def why_plan_cannot_run_here(plan_path: Path, trt: str | None = None) -> str | None:
-    """Why `plan_path` cannot run on this machine (no library for it, no GPU, a GPU it was
-    not built for), from its sidecar and without deserialising it; None when it may run."""
-    try:
-        engine_meta = load_engine_metadata(plan_path)
-        lib = library_for_plan(engine_meta, trt, Path(plan_path).name)
-    except BackendError as exc:
-        return str(exc)
-    if not torch.cuda.is_available():
-        return f"{lib.label} runs engines on a CUDA GPU and none is visible"
-    if engine_meta is None:
-        return None
-    here = compute_capability_string(torch.device("cuda", torch.cuda.current_device()))
-    return check_plan_compatibility(engine_meta, lib.key, lib.version, here)
-
-
-def describe_invalidity(diagnostics: int, flags: Mapping[str, int]) -> str:
-    """TensorRT-RTX's `get_engine_validity` diagnostics bitmask as words (`flags`: the
-    library's EngineInvalidityDiagnostics names and values)."""
-    words = {
-        "VERSION_MISMATCH": "it was built by another TensorRT-RTX version",
-        "UNSUPPORTED_CC": "it was not built for this GPU's compute capability",
-        "OLD_CUDA_DRIVER": "the CUDA driver is too old",
-        "OLD_CUDA_RUNTIME": "the CUDA runtime is too old",
-        "INSUFFICIENT_GPU_MEMORY": "the GPU has too little memory",
-        "MALFORMED_ENGINE": "the file is damaged or not a TensorRT-RTX plan",
-        "CUDA_ERROR": "CUDA reported an error while checking",
-    }
-    found = [words.get(name, name.lower()) for name, bit in flags.items() if diagnostics & bit]
-    return "; ".join(found) or "no reason was given"
-
-
-def compute_capability_string(device: torch.device) -> str:
-    major, minor = torch.cuda.get_device_capability(device)
-    return f"{major}.{minor}"
-
-
-# What each dimension of each input means, for "outside the profile" messages.
-_DIM_LABELS: dict[str, Sequence[str]] = {
-    "x": ("batch", "channels", "height", "width"),
-    "t": ("batch",),
-    "y": ("batch", "caption length", "caption embedding width"),
-    "lq_latent": ("batch", "latent channels", "latent height", "latent width"),
-    "degrade_sigma": ("batch",),
-}
-
-
-def profile_violation(shapes: Mapping[str, Shape],
-                      ranges: Mapping[str, tuple[Shape, Shape]]) -> str | None:
-    """First input dimension outside the engine's [min, max] profile, as a sentence; else None.
-
-    `ranges[name] = (min_shape, max_shape)` from `get_tensor_profile_shape`.
-    The output size (x) is reported first since it is what users choose.
-    """
-    for name in INPUT_NAMES:
-        if name not in shapes or name not in ranges:
-            continue
-        shape, (low, high) = shapes[name], ranges[name]
-        if len(shape) != len(low):
-            return f"input {name} has shape {list(shape)}; the engine expects {len(low)} dimensions"
-        labels = _DIM_LABELS.get(name, ())
-        for axis, (value, lo, hi) in enumerate(zip(shape, low, high)):
-            if lo <= value <= hi:
-                continue
-            label = labels[axis] if axis < len(labels) else f"dimension {axis}"
-            if name == "x" and axis in (2, 3):
-                return (f"output size {shape[2]}x{shape[3]} is outside the engine profile "
-                        f"{low[2]}x{low[3]} .. {high[2]}x{high[3]} (HxW); use an engine built for it "
-                        f"(pid-export --min/--max HxW) or the export's model.onnx")
-            allowed = f"{lo}" if lo == hi else f"{lo}..{hi}"
-            return f"{label} {value} (input {name}) is outside the engine profile: allowed {allowed}"
-    return None
-
-
-def select_profile(shapes: Mapping[str, Shape], profiles: Sequence[Mapping[str, tuple[Shape, Shape, Shape]]]) -> int:
-    """Index of the optimization profile to run `shapes` with; BackendError when none covers them.
-
-    Among the profiles whose [min, max] ranges cover every input, the one whose opt
-    output size (then batch) is nearest, in pixels, wins: its kernels were tuned for
-    the closest shape. With none covering, the nearest profile's violation is reported.
-    """
-    def distance(profile: Mapping[str, tuple[Shape, Shape, Shape]]) -> tuple[int, int]:
-        opt, x = profile["x"][1], shapes["x"]
-        return abs(x[2] - opt[2]) + abs(x[3] - opt[3]), abs(x[0] - opt[0])
-
-    if not profiles:
-        raise BackendError("the engine has no optimization profile")
-    ranked = sorted(range(len(profiles)), key=lambda i: (distance(profiles[i]), i))
-    for index in ranked:
-        ranges = {name: (low, high) for name, (low, _opt, high) in profiles[index].items()}
-        if profile_violation(shapes, ranges) is None:
-            return index
-    union = union_ranges(profiles)
-    problem = profile_violation(shapes, union) or profile_violation(
-        shapes, {name: (low, high) for name, (low, _opt, high) in profiles[ranked[0]].items()})
-    raise BackendError(problem or "no optimization profile of the engine covers these shapes")
-
-
-def union_ranges(profiles: Sequence[Mapping[str, tuple[Shape, Shape, Shape]]]) -> dict[str, tuple[Shape, Shape]]:
-    """Per input: the elementwise smallest min and largest max over all profiles."""
-    union: dict[str, tuple[Shape, Shape]] = {}
-    for profile in profiles:
-        for name, (low, _opt, high) in profile.items():
-            if name in union:
-                old_low, old_high = union[name]
-                low = tuple(min(a, b) for a, b in zip(old_low, low))
-                high = tuple(max(a, b) for a, b in zip(old_high, high))
-            union[name] = (tuple(low), tuple(high))
-    return union
-
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -301,67 +81,6 @@ def on_own_device(method: F) -> F:
 
     wrapper.runs_on_own_device = True  # type: ignore[attr-defined]  # checked by the tests
     return wrapper  # type: ignore[return-value]
-
-
-# ---------------------------------------------------------------------------
-# TensorRT glue (needs a library)
-
-
-def recording_logger(lib: TensorRTLibrary, errors: list[str], echo: Callable[[str], None] | None = None,
-                     verbose: bool = False) -> "trt.ILogger":
-    """A logger of `lib` that appends error messages to `errors` (the reason behind a None
-    from the builder or runtime) and echoes warnings and errors."""
-    if TYPE_CHECKING:
-        import tensorrt as trt
-    else:
-        trt = lib.module
-
-    error_levels = {trt.ILogger.Severity.ERROR, trt.ILogger.Severity.INTERNAL_ERROR}
-    echo_levels = error_levels | {trt.ILogger.Severity.WARNING}
-    if verbose:
-        echo_levels |= {trt.ILogger.Severity.INFO}
-    label = lib.label
-
-    class RecordingLogger(trt.ILogger):
-        def __init__(self) -> None:
-            trt.ILogger.__init__(self)  # TensorRT requires the explicit base init
-
-        def log(self, severity: trt.ILogger.Severity, msg: str) -> None:
-            if severity in error_levels:
-                errors.append(msg)
-            if echo is not None and severity in echo_levels:
-                echo(f"[{label}] {msg}")
-
-    return RecordingLogger()
-
-
-def last_errors(errors: Sequence[str], count: int = 3) -> str:
-    return " | ".join(errors[-count:]) if errors else "no error was logged"
-
-
-def _dims(dims: "trt.Dims") -> Shape:
-    return tuple(int(dims[i]) for i in range(len(dims)))
-
-
-def _torch_dtype(lib: TensorRTLibrary, dtype: "trt.DataType") -> torch.dtype:
-    if TYPE_CHECKING:
-        import tensorrt as trt
-    else:
-        trt = lib.module
-
-    table = {
-        trt.DataType.FLOAT: torch.float32,
-        trt.DataType.HALF: torch.float16,
-        trt.DataType.BF16: torch.bfloat16,
-        trt.DataType.INT32: torch.int32,
-        trt.DataType.INT64: torch.int64,
-        trt.DataType.INT8: torch.int8,
-        trt.DataType.UINT8: torch.uint8,
-        trt.DataType.BOOL: torch.bool,
-    }
-    if dtype not in table:
-        raise BackendError(f"engine I/O type {dtype} has no torch equivalent")
-    return table[dtype]
 
 
 class TensorRTBackend(Backend):
@@ -400,7 +119,7 @@ class TensorRTBackend(Backend):
         super().__init__(meta, dev)
         self.library = lib
         self._note = log or (lambda message: None)
-        precision = (engine_meta or {}).get("precision") or meta.precision
+        precision = (engine_meta.precision if engine_meta is not None else None) or meta.precision
         problem = precision_problem(precision, compute_capability_string(dev), where=torch.cuda.get_device_name(dev))
         if problem is not None:  # e.g. an FP8 engine on an Ampere GPU: say so before the library fails
             raise BackendError(f"{plan_path}: {problem}")
@@ -429,8 +148,8 @@ class TensorRTBackend(Backend):
             if engine is None:
                 raise BackendError(f"{plan_path} could not be loaded as a {lib.label} engine: "
                                    f"{last_errors(self._errors)}")
-            if engine_meta is not None and engine_meta.get("stripped"):
-                self._refit(engine, plan_path.parent / str(engine_meta.get("onnx_name", "model.onnx")))
+            if engine_meta is not None and engine_meta.stripped:
+                self._refit(engine, plan_path.parent / engine_meta.onnx_name)  # a plain name: checked on load
             self._engine = engine
             self._dtypes, self._profiles = self._read_io(engine)
             self._library_captures = cuda_graph and lib.has_whole_graph_capture
@@ -444,7 +163,7 @@ class TensorRTBackend(Backend):
         self._graphs: dict[int, CapturedSampler] = {}  # steps -> captured loop for the bound shape
 
     # -- loading ----------------------------------------------------------
-    def _check_validity(self, plan: bytes, plan_path: Path, engine_meta: Mapping[str, Any] | None) -> None:
+    def _check_validity(self, plan: bytes, plan_path: Path, engine_meta: EngineMetadata | None) -> None:
         """TensorRT-RTX's cheap header check (version, compute capability, driver) before
         deserialising, so a misfit plan gets one sentence instead of a failed load."""
         lib = self.library
@@ -453,7 +172,7 @@ class TensorRTBackend(Backend):
         validity, diagnostics = getattr(self._runtime, "get_engine_validity")(plan)
         flags = {name: int(value) for name, value in lib.module.EngineInvalidityDiagnostics.__members__.items()}
         if validity == lib.module.EngineValidity.INVALID:
-            built = (engine_meta or {}).get("library_version")
+            built = engine_meta.library_version if engine_meta is not None else None
             built_text = f" (built with {lib.label} {built}, this is {lib.version})" if built else ""
             raise BackendError(f"{plan_path} cannot run here: {describe_invalidity(int(diagnostics), flags)}"
                                f"{built_text}; rebuild it with pid-export")
@@ -471,9 +190,17 @@ class TensorRTBackend(Backend):
             trt = lib.module
 
         user_managed = trt.ExecutionContextAllocationStrategy.USER_MANAGED
-        if lib.has_runtime_cache or self._library_captures:
+        eager = lib.eager_kernel_specialization
+        if lib.has_runtime_cache or self._library_captures or eager is not None:
             config = engine.create_runtime_config()
             config.set_execution_context_allocation_strategy(user_managed)
+            if eager is not None:
+                # TensorRT-RTX's default (LAZY) runs a generic kernel while the shape's specialised
+                # one compiles in the background and swaps it in mid-decode: the first images and
+                # `--verify` would come from kernels steady-state runs never use, and two runs of
+                # one seed could differ. EAGER compiles before the first run of each new shape
+                # (once: the runtime cache keeps them), so every run uses the same kernels.
+                setattr(config, "dynamic_shapes_kernel_specialization_strategy", eager)
             if lib.has_runtime_cache:
                 self._runtime_cache = self._load_runtime_cache(config)
             if self._library_captures:
@@ -539,14 +266,14 @@ class TensorRTBackend(Backend):
         missing = [n for n in (*INPUT_NAMES, *OUTPUT_NAMES) if n not in names]
         if missing:
             raise BackendError(f"engine is not a PiD export: it lacks tensor(s) {', '.join(missing)}")
-        dtypes = {name: _torch_dtype(self.library, engine.get_tensor_dtype(name)) for name in names}
+        dtypes = {name: torch_dtype(self.library, engine.get_tensor_dtype(name)) for name in names}
         inputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         profiles: list[ProfileShapes] = []
         for index in range(engine.num_optimization_profiles):
             shapes: ProfileShapes = {}
             for name in inputs:
                 low, opt, high = engine.get_tensor_profile_shape(name, index)
-                shapes[name] = (_dims(low), _dims(opt), _dims(high))
+                shapes[name] = (dims_tuple(low), dims_tuple(opt), dims_tuple(high))
             profiles.append(shapes)
         return dtypes, profiles
 
@@ -576,38 +303,62 @@ class TensorRTBackend(Backend):
         self._buffers["degrade_sigma"].copy_(degrade_sigma)
 
     def _allocate(self, profile: int, shapes: Mapping[str, Shape]) -> None:
-        """Switch profile, set input shapes, allocate I/O buffers and scratch memory, hand addresses to TensorRT."""
-        self._stream.synchronize()  # old buffers may still be in use by queued work
+        """Switch profile, set input shapes, allocate I/O buffers and scratch memory, hand addresses to TensorRT.
+
+        Every failure is one BackendError line saying what to change; out of GPU memory is
+        `OutOfDeviceMemory` (a BackendError), so callers that can try a smaller size tell it apart.
+        """
+        # Old buffers may still be in use by queued work, on our stream or a caller's (see _execute).
+        torch.cuda.synchronize(self.device)
         self._graphs.clear()
         self._buffers = {}
         self._shape_key = None  # stays unset if anything below fails
         ctx = self._context
         if profile != self._profile_index:
-            if not ctx.set_optimization_profile_async(profile, self._stream.cuda_stream):
-                raise BackendError(f"could not switch to optimization profile {profile}: {last_errors(self._errors)}")
+            # The bindings raise RuntimeError on failure (their result is False only in older releases).
+            try:
+                switched = ctx.set_optimization_profile_async(profile, self._stream.cuda_stream)
+            except RuntimeError as exc:
+                switched = False
+                self._errors.append(first_line(exc))
+            if not switched:
+                raise BackendError(f"could not switch to optimization profile {profile}: {last_errors(self._errors)}"
+                                   f"; reopen the engine, or rebuild it with pid-export")
             self._stream.synchronize()
             self._profile_index = profile
         for name, shape in shapes.items():
             if not ctx.set_input_shape(name, shape):
                 raise BackendError(f"the engine rejected shape {list(shape)} for input {name}: "
                                    f"{last_errors(self._errors)}")
-        unresolved = ctx.infer_shapes()
+        try:
+            unresolved = ctx.infer_shapes()
+        except RuntimeError as exc:  # shape inference failed for another reason than a missing shape
+            raise BackendError(f"the engine cannot run inputs of shapes {shapes_text(shapes)}: {first_line(exc)} "
+                               f"({last_errors(self._errors)}); use another size or the export's model.onnx") from None
         if unresolved:
             raise BackendError(f"the engine could not infer shapes for {', '.join(unresolved)}")
-        buffers = {name: torch.empty(shape, dtype=self._dtypes[name], device=self.device)
-                   for name, shape in shapes.items()}
-        for name in OUTPUT_NAMES:
-            shape = _dims(ctx.get_tensor_shape(name))
-            buffers[name] = torch.empty(shape, dtype=self._dtypes[name], device=self.device)
-        for name, buffer in buffers.items():
-            if not ctx.set_tensor_address(name, buffer.data_ptr()):
-                raise BackendError(f"the engine rejected the buffer of {name}: {last_errors(self._errors)}")
-        # Scratch memory for these shapes only, not the profile's max (a 2K decode
-        # with a 2K..4K engine should not hold 4K activations).
-        needed = ctx.update_device_memory_size_for_shapes()
-        if self._activations is None or self._activations.numel() < needed:
-            self._activations = None
-            self._activations = torch.empty(max(needed, 1), dtype=torch.uint8, device=self.device)
+        try:
+            buffers = {name: torch.empty(shape, dtype=self._dtypes[name], device=self.device)
+                       for name, shape in shapes.items()}
+            for name in OUTPUT_NAMES:
+                shape = dims_tuple(ctx.get_tensor_shape(name))
+                buffers[name] = torch.empty(shape, dtype=self._dtypes[name], device=self.device)
+            for name, buffer in buffers.items():
+                if not ctx.set_tensor_address(name, buffer.data_ptr()):
+                    raise BackendError(f"the engine rejected the buffer of {name}: {last_errors(self._errors)}")
+            # Scratch memory for these shapes only, not the profile's max (a 2K decode
+            # with a 2K..4K engine should not hold 4K activations).
+            needed = ctx.update_device_memory_size_for_shapes()
+            if needed <= 0:  # the library's way of failing here; 1 byte would fail later, less clearly
+                raise BackendError(f"the engine could not size its scratch memory for {shapes_text(shapes)}: "
+                                   f"{last_errors(self._errors)}; reopen the engine, or rebuild it with pid-export")
+            if self._activations is None or self._activations.numel() < needed:
+                self._activations = None
+                self._activations = torch.empty(needed, dtype=torch.uint8, device=self.device)
+        except torch.OutOfMemoryError:
+            buffers, self._activations = {}, None
+            torch.cuda.empty_cache()
+            raise OutOfDeviceMemory(out_of_memory_line(shapes, self.device)) from None
         ctx.set_device_memory(self._activations.data_ptr(), self._activations.numel())
         self._buffers = buffers
 
@@ -663,9 +414,11 @@ class TensorRTBackend(Backend):
 
     @on_own_device
     def close(self) -> None:
+        """Release buffers and scratch memory (kept: the engine, so the backend can be bound again)."""
         if self._buffers:
             self._stream.synchronize()
         self._graphs.clear()
         self._buffers = {}
+        self._shape_key = None  # the next bind() allocates again
         self._activations = None
         self._save_runtime_cache()
