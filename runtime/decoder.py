@@ -127,6 +127,7 @@ class PidDecoder:
         """
         size = check_decode_args(latents, prompt, caption_embeds, sigma, seed, height, width, steps, batch_size,
                                  output_type, size, OUTPUT_TYPES)
+        seed = None if seed is None else int(seed)  # numpy integers too
         lq, name = self.network_latents(latents, backbone, height, width, bn_stats)
         if name is not None:
             lq, sigma = to_training_frame(lq, sigma, name)

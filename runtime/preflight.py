@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
+
 from .decode import DecodeError, check_graph_limits, check_output_size
 from .headers import ArrayHeader, check_float, pick_header, read_headers
 from .io import CAPTION_KEYS, EPS_KEYS, LATENT_KEYS, NOISE_KEYS, InputError
@@ -25,8 +27,9 @@ TENSORRT_SUFFIXES = (".plan", ".engine")
 
 def check_seed(seed: object) -> int:
     """A whole number torch can seed a generator with."""
-    if isinstance(seed, bool) or not isinstance(seed, int):
+    if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, (int, np.integer)):
         raise DecodeError(f"seed must be a whole number, got {seed!r}")
+    seed = int(seed)
     low, high = SEED_RANGE
     if not low <= seed <= high:
         raise DecodeError(f"seed {seed} is out of range: use a whole number from {low} to {high} (64 bits)")
