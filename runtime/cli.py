@@ -81,7 +81,9 @@ latents-2.png, latents-3.png, ... is used, and the path is printed. --out PATH
 writes exactly there (replacing a file of that name): NAME.npy holds float32
 [B,3,H,W] in [-1,1] (the clamped sample); NAME.png holds image = (x+1)/2, 8 bits
 per channel (--bit-depth 16 for 16-bit PNG). With B > 1 the PNGs are NAME_0.png,
-NAME_1.png, ... Files appear only when the decode succeeded.
+NAME_1.png, ... Files appear only when the decode succeeded: the default name is
+claimed (an empty file) when the run starts, so concurrent runs never share one, and
+a failed or interrupted run (Ctrl-C: exit 130, SIGTERM: 143) removes it and its temp files.
 
 \b
 Noise: --seed S draws the initial noise and then one eps per re-noise step from one
