@@ -22,7 +22,7 @@ from typing import Any, Callable
 import onnx
 import torch
 
-from pid_runtime.metadata import INPUT_NAMES, MODEL_METADATA, ONNX_NAME, OUTPUT_NAMES, ModelMetadata
+from pid_runtime.metadata import INPUT_NAMES, MODEL_METADATA, ONNX_NAME, OUTPUT_NAMES, GraphLimits, ModelMetadata
 
 from .network import PidNet
 from .onnx_lint import LintReport, lint_model
@@ -212,8 +212,12 @@ def _metadata(net: PidNet, release: Any, precision: str, opset: int, checkpoint_
     trained = [list(s) for s in getattr(release, "trained_sizes", [])]
     min_size = list(getattr(release, "min_size", None) or []) or None
     max_size = list(getattr(release, "max_size", None) or []) or None
+    # The graph's own bounds (the traced Dims of `dynamic_shapes`), whatever the release's range.
+    limits = GraphLimits(max_batch=MAX_BATCH, max_latent_side=MAX_LATENT, max_patches_side=MAX_GRID)
     if static_shape is not None:
         min_size = max_size = [static_shape[1], static_shape[2]]
+        limits = GraphLimits(max_batch=static_shape[0], max_latent_side=MAX_LATENT,
+                             max_patches_side=max(static_shape[1:]) // cfg.patch_size)
     return ModelMetadata(
         release=getattr(release, "name", None),
         latent_channels=cfg.lq_latent_channels,
@@ -232,6 +236,7 @@ def _metadata(net: PidNet, release: Any, precision: str, opset: int, checkpoint_
         versions=_versions(),
         inputs=inputs,
         outputs=outputs,
+        graph_limits=limits,
     )
 
 

@@ -15,12 +15,16 @@ from typing import Sequence
 import click
 import torch
 
-from .backends import BackendError, open_backend, preflight
-from .decode import DecodeError, decode, format_timings, output_size, profile_batch_range
-from .io import InputError, check_output_path, load_caption, load_latents, load_noise, output_paths, write_output
+from .backends import BackendError, load_model_metadata, open_backend, preflight
+from .decode import DecodeError, check_inputs, decode, format_timings, output_size, profile_batch_range
+from .io import InputError, check_output_path, load_caption, load_latents, load_noise, write_output
 from .latents import BACKBONE_NAMES, LatentError, pipeline_latents_for_cli
 from .metadata import EMPTY_CAPTION_NAME, MetadataError
+from .outputs import OutputClaim, claim_default_output, explicit_output
+from .preflight import (LatentPlan, check_caption_header, check_latents_header, check_noise_header,
+                        check_pipeline_latents_header, check_seed, export_size_range)
 from .sampler import MAX_STEPS, timesteps
+from .signals import Signalled, signals_as_exception
 
 PROG = "pid-run"
 USER_ERRORS = (BackendError, DecodeError, InputError, MetadataError)
@@ -34,15 +38,6 @@ def parse_sigma(text: str) -> list[float]:
     except ValueError:
         raise click.BadParameter(f"{text!r} is not a number or a comma-separated list of numbers",
                                  param_hint="'--sigma'") from None
-
-
-def default_output(latents: Path, batch: int) -> Path:
-    """`<stem>.png` beside the latents, else the first of `<stem>-2.png`, `<stem>-3.png`, ... whose files are free."""
-    candidate, number = latents.with_suffix(".png"), 1
-    while any(path.exists() for path in output_paths(candidate, batch)):
-        number += 1
-        candidate = latents.with_name(f"{latents.stem}-{number}.png")
-    return candidate
 
 
 def parse_size(text: str | None) -> tuple[int, int] | None:
@@ -86,7 +81,9 @@ latents-2.png, latents-3.png, ... is used, and the path is printed. --out PATH
 writes exactly there (replacing a file of that name): NAME.npy holds float32
 [B,3,H,W] in [-1,1] (the clamped sample); NAME.png holds image = (x+1)/2, 8 bits
 per channel (--bit-depth 16 for 16-bit PNG). With B > 1 the PNGs are NAME_0.png,
-NAME_1.png, ... Files appear only when the decode succeeded.
+NAME_1.png, ... Files appear only when the decode succeeded: the default name is
+claimed (an empty file) when the run starts, so concurrent runs never share one, and
+a failed or interrupted run (Ctrl-C: exit 130, SIGTERM: 143) removes it and its temp files.
 
 \b
 Noise: --seed S draws the initial noise and then one eps per re-noise step from one
@@ -123,7 +120,7 @@ of unexpected errors.
                    "needs pip install 'pid-export[caption]').")
 @click.option("--sigma", default="0", show_default=True, metavar="S|S1,S2,..",
               help="degrade_sigma of the latents in [0,1]: 0 for a final clean latent; one value or one per item.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the sampler noise.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the sampler noise (64 bits).")
 @click.option("--size", "size_text", metavar="HxW",
               help="Output size in pixels, height x width (e.g. 2160x3840): multiples of 16, with the latent's "
                    "aspect ratio to within 2 latent cells per side. Default: the latent's native size.")
@@ -158,26 +155,59 @@ def run_command(model: str, latents: str, out: str | None, caption_embeds: str |
     def say(message: str) -> None:
         click.echo(message)
 
+    # Every check that needs no model comes first, from cheapest to costliest, so a typo or a
+    # file that cannot work costs no model load and no read of a large array.
     if caption_embeds and prompts:
         raise InputError("give either --caption-embeds or --prompt, not both")
     sigmas = parse_sigma(sigma)
     size = parse_size(size_text)
-    # Cheap checks first, so a typo costs no model load.
-    out_path = check_output_path(out, int(bit_depth)) if out is not None else None
-    model_file = preflight(model, trt, note=say, device=device)
+    check_seed(seed)
     if pipeline is None and (ldm_size or vae_bn_stats):
         raise InputError("--ldm-size and --vae-bn-stats apply to pipeline latents: add --pipeline BACKBONE")
+    out_path = check_output_path(out, int(bit_depth)) if out is not None else None
+    model_file = preflight(model, trt, note=say, device=device)
+    meta = load_model_metadata(model_file)
     if pipeline is None:
-        lq = load_latents(latents)
+        plan = check_latents_header(meta, model_file, latents, size)  # shape from the header: nothing read yet
+        lq = None
     else:
+        check_pipeline_latents_header(meta, latents)
         try:
             lq, sigmas = pipeline_latents_for_cli(latents, pipeline, model_file, ldm_size, vae_bn_stats, sigmas)
         except LatentError as exc:
             raise InputError(str(exc)) from None
-    if out_path is None:
-        out_path = check_output_path(default_output(Path(latents), lq.shape[0]), int(bit_depth))
+        lat_h, lat_w = lq.shape[-2:]
+        height, width = size or (lat_h * meta.pixel_scale, lat_w * meta.pixel_scale)
+        plan = LatentPlan(lq.shape[0], (lat_h, lat_w), height, width)
+    if caption_embeds:
+        check_caption_header(meta, caption_embeds, plan.batch, say)
+    if noise_file:
+        check_noise_header(noise_file, plan.batch, plan.height, plan.width, steps)
+    claim = (explicit_output(out_path, plan.batch) if out_path is not None
+             else claim_default_output(Path(latents), plan.batch, int(bit_depth)))
+    try:
+        run_decode(model, model_file, meta, latents, lq, claim, caption_embeds, prompts, sigmas, seed, size,
+                   steps, noise_file, batch_size, int(bit_depth), device, cuda_graph, trt, say)
+    finally:
+        claim.release()  # a failed or interrupted run takes back the names it claimed (no-op after success)
+
+
+def run_decode(model: str, model_file: Path, meta, latents: str, lq: torch.Tensor | None, claim: OutputClaim,
+               caption_embeds: str | None, prompts: Sequence[str], sigmas: list[float], seed: int,
+               size: tuple[int, int] | None, steps: int, noise_file: str | None, batch_size: int | None,
+               bit_depth: int, device: str, cuda_graph: bool, trt: str | None, say) -> None:
+    """Read the inputs, check them in full, then open the model, decode and write."""
+    if lq is None:
+        lq = load_latents(latents)
     caption = load_caption(caption_embeds) if caption_embeds else None
     noise = load_noise(noise_file) if noise_file else None
+    if caption is None and not prompts:  # the export's empty caption needs no model either
+        caption = caption_for(model_file, lq.shape[0], (), torch.device("cpu"), say)
+    # The whole of check_inputs before the model opens; a prompt's caption is encoded later, so a
+    # one-token stand-in of the right width takes its place here.
+    stand_in = caption if caption is not None else torch.zeros(1, 1, meta.txt_embed_dim)
+    check_inputs(meta, lq, stand_in, sigmas, steps, *(noise or (None, None)),
+                 size_range=export_size_range(meta, model_file), size=size)
 
     backend = open_backend(model_file, device=device, cuda_graph=cuda_graph, trt=trt, log=say)
     try:
@@ -206,7 +236,8 @@ def run_command(model: str, latents: str, out: str | None, caption_embeds: str |
     finally:
         backend.close()
     say(format_timings(result.timings))
-    written = write_output(result.images, out_path, int(bit_depth))
+    written = write_output(result.images, claim.path, bit_depth)
+    claim.written()
     say("wrote " + ", ".join(str(p) for p in written))
 
 
@@ -218,7 +249,8 @@ def error(message: str) -> None:
 def invoke(command: click.Command, args: Sequence[str], prog: str = PROG) -> int:
     """Run a click command; every failure becomes one stderr line and an exit status."""
     try:
-        command.main(args=list(args), prog_name=prog, standalone_mode=False)
+        with signals_as_exception():  # SIGINT / SIGTERM unwind: temp files and placeholders go
+            command.main(args=list(args), prog_name=prog, standalone_mode=False)
         return 0
     except click.exceptions.Exit as exc:  # --help
         return exc.exit_code
@@ -234,6 +266,9 @@ def invoke(command: click.Command, args: Sequence[str], prog: str = PROG) -> int
     except KeyboardInterrupt:
         error("interrupted")
         return 130
+    except Signalled as exc:
+        error(exc.what)
+        return exc.exit_code
     except USER_ERRORS as exc:
         error(str(exc))
         return 1

@@ -178,7 +178,7 @@ def check_output_size(meta: ModelMetadata, height: int, width: int, latent_hw: t
 
     `requested`: the size was asked for (pid-run --size) rather than the latent's native size.
     """
-    patch = int(meta.network.get("patch_size", PATCH_SIZE))
+    patch = meta.patch_size
     lat_h, lat_w = latent_hw
     if requested:
         _check_requested_size(meta, height, width, latent_hw, patch)
@@ -207,6 +207,21 @@ def check_output_size(meta: ModelMetadata, height: int, width: int, latent_hw: t
     raise DecodeError(message)
 
 
+def check_graph_limits(meta: ModelMetadata, latent_hw: Sequence[int], height: int, width: int) -> None:
+    """The latent and output sizes against what the exported graph itself takes (its traced bounds)."""
+    limits, patch = meta.limits, meta.patch_size
+    lat_h, lat_w = (int(v) for v in latent_hw)
+    if lat_h < 1 or lat_w < 1:
+        raise DecodeError(f"latents are {lat_h}x{lat_w} cells: a latent needs at least 1x1")
+    if max(lat_h, lat_w) > limits.max_latent_side:
+        raise DecodeError(f"latents are {lat_h}x{lat_w} cells but this export's graph takes at most "
+                          f"{limits.max_latent_side} per side")
+    top = limits.max_patches_side * patch
+    if max(height, width) > top:
+        raise DecodeError(f"output size {height}x{width} is beyond what this export's graph takes "
+                          f"(at most {top} px per side: {limits.max_patches_side} patches of {patch} px)")
+
+
 def _batched(values: Tensor, batch: int, what: str, latents_batch_text: str) -> Tensor:
     """Expand a batch of 1 to `batch`; any other count must equal `batch`."""
     if values.shape[0] == batch:
@@ -233,8 +248,9 @@ def check_inputs(meta: ModelMetadata, latents: Tensor, caption: Tensor, sigma: f
         model = meta.release or "this model"
         raise DecodeError(f"latents have {channels} channels but {model} takes {meta.latent_channels}-channel latents "
                           "(was the latent made by a different LDM?)")
-    _need_finite(latents, "latents")
     height, width = output_size(meta, latents, size)
+    check_graph_limits(meta, (lat_h, lat_w), height, width)
+    _need_finite(latents, "latents")
     check_output_size(meta, height, width, (lat_h, lat_w), size_range, range_source, requested=size is not None)
     items = f"latents have {batch} item{'s' if batch != 1 else ''}"
 
@@ -302,6 +318,7 @@ def chunk_bounds(batch: int, batch_size: int | None, meta: ModelMetadata,
         raise DecodeError(f"batch size must be at least 1, got {size}")
     if batch_range is not None:
         size = min(size, batch_range[1])
+    size = min(size, meta.limits.max_batch)  # the graph's own bound on items per call
     bounds = [(start, min(start + size, batch)) for start in range(0, batch, size)]
     fixed = fixed_batch(meta)
     if fixed is not None and any(stop - start != fixed for start, stop in bounds):

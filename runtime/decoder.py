@@ -26,6 +26,7 @@ from .backends import Backend, open_backend, preflight
 from .batching import DecodeRequest, Outcome, check_request, decode_many
 from .caption import find_empty_caption, load_encoder, default_caption_model, resolve_caption
 from .decode import DecodeTimings, decode
+from .decode_args import check_decode_args
 from .io import pixel_rows
 from .latents import LatentError, backbone_of_release, check_backbone_fits, from_pipeline, to_training_frame
 from .sampler import MAX_STEPS
@@ -131,12 +132,16 @@ class PidDecoder:
         Returns, like diffusers' image processors: "pil" a list of PIL images,
         "pt" float32 [B,3,H,W] in [0,1], "np" float32 [B,H,W,3] in [0,1].
         """
-        if output_type not in OUTPUT_TYPES:
-            raise ValueError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}")
+        size = check_decode_args(latents, prompt, caption_embeds, sigma, seed, height, width, steps, batch_size,
+                                 output_type, size, OUTPUT_TYPES)
+        seed = None if seed is None else int(seed)  # numpy integers too
         lq, name = self.network_latents(latents, backbone, height, width, bn_stats)
         if name is not None:
             lq, sigma = to_training_frame(lq, sigma, name)
         caption = self.caption(lq.shape[0], prompt, caption_embeds)
+        if caption.shape[-2] > self.meta.txt_max_length:
+            self.notify(f"note: the caption has {caption.shape[-2]} tokens; this model reads the first "
+                        f"{self.meta.txt_max_length}, the last {caption.shape[-2] - self.meta.txt_max_length} are cut")
         result = decode(self.backend, lq, caption, sigma, seed=seed, steps=steps, batch_size=batch_size, size=size,
                         seeds=seeds)
         self.last_timings = result.timings

@@ -13,13 +13,16 @@ its target directory and renamed into place only when all of them are complete.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
+import signal
 import struct
 import tempfile
+import threading
 import zlib
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -254,19 +257,44 @@ def _write_all_atomically(targets: list[Path], writers: Sequence[Callable[[Path]
     """Write each target under a temporary name, then rename them all; on failure leave nothing."""
     temps: list[Path] = []
     placed: list[Path] = []
+    current = targets[0] if targets else None
     try:
         for target, write in zip(targets, writers):
+            current = target
             # Same directory (rename stays atomic) and same suffix (numpy appends .npy otherwise).
-            handle, name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=target.suffix)
+            # Signals wait while the temp file is made and recorded, so an interrupt cannot orphan it.
+            with _signals_deferred():
+                handle, name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=target.suffix)
+                temps.append(Path(name))
             os.close(handle)
-            temps.append(Path(name))
             write(Path(name))
         mode = _new_file_mode()
         for temp, target in zip(temps, targets):
+            current = target
             os.chmod(temp, mode)  # mkstemp makes 0600 files; a written image or plan gets what open() would give
-            os.replace(temp, target)
-            placed.append(target)
+            with _signals_deferred():
+                os.replace(temp, target)
+                placed.append(target)
+    except OSError as exc:
+        for leftover in temps + placed:
+            leftover.unlink(missing_ok=True)
+        # Name the user's file, not the temporary one (e.g. "No space left on device: out.png").
+        raise OSError(exc.errno, exc.strerror or str(exc), str(current)) from None
     except BaseException:
         for leftover in temps + placed:
             leftover.unlink(missing_ok=True)
         raise
+
+
+@contextlib.contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """Hold SIGINT / SIGTERM (delivered on leaving) around a step that must not be cut in two."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held = {signal.SIGINT, signal.SIGTERM}
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)

@@ -10,7 +10,7 @@ An export directory holds:
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,36 @@ OUTPUT_NAMES = ("velocity",)
 
 class MetadataError(ValueError):
     pass
+
+
+PRECISIONS = ("fp32", "fp16", "bf16", "fp8", "unknown")
+
+
+@dataclass
+class GraphLimits:
+    """What the exported graph itself can take, whatever the release was trained for.
+
+    The dynamic dims are traced with bounds (pid_export.onnx_export: torch.export Dims),
+    and the caption's position table holds txt_max_length rows; beyond these the graph
+    is not valid, so the runtime refuses such requests before allocating anything.
+    """
+
+    max_batch: int  # items per network call
+    max_latent_side: int  # latent cells per side (h, w)
+    max_patches_side: int  # output patches per side (H / patch_size, W / patch_size)
+
+
+# Exports made before the limits were recorded were all traced with these bounds.
+LEGACY_GRAPH_LIMITS = GraphLimits(max_batch=64, max_latent_side=1024, max_patches_side=1024)
+
+
+def plain_file_name(value: Any, field_name: str, path: Path | str) -> str:
+    """A sidecar's file name must be a plain name inside the export directory (no '/', no '..')."""
+    if not isinstance(value, str) or not value or value in (".", "..") or "/" in value or "\\" in value \
+            or value.startswith("~") or "\0" in value:
+        raise MetadataError(f"{path}: field '{field_name}' must be a plain file name inside the export directory, "
+                            f"got {value!r}")
+    return value
 
 
 @dataclass
@@ -56,6 +86,16 @@ class ModelMetadata:
     # the accuracy guard's report (PSNR / error vs float32 beside the base precision's).
     quantization: dict[str, Any] | None = None
     accuracy_guard: dict[str, Any] | None = None
+    # What the graph takes (None: an export made before they were recorded; see `limits`).
+    graph_limits: GraphLimits | None = None
+
+    @property
+    def limits(self) -> GraphLimits:
+        return self.graph_limits or LEGACY_GRAPH_LIMITS
+
+    @property
+    def patch_size(self) -> int:
+        return int(self.network.get("patch_size", 16))
 
     @property
     def pixel_scale(self) -> int:
@@ -71,8 +111,16 @@ class ModelMetadata:
             data = json.loads(Path(path).read_text())
         except (OSError, json.JSONDecodeError) as exc:
             raise MetadataError(f"cannot read model metadata {path}: {exc}") from None
+        if not isinstance(data, dict):
+            raise MetadataError(f"model metadata {path} is not a JSON object")
         known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
-        try:
-            return cls(**known)
-        except TypeError as exc:
-            raise MetadataError(f"model metadata {path} is incomplete: {exc}") from None
+        from .metadata_schema import check_model_metadata  # the per-field checks
+
+        check_model_metadata(known, path)
+        if isinstance(known.get("graph_limits"), dict):
+            known["graph_limits"] = GraphLimits(**known["graph_limits"])
+        missing = [f.name for f in fields(cls)
+                   if f.name not in known and f.default is MISSING and f.default_factory is MISSING]
+        if missing:
+            raise MetadataError(f"model metadata {path} is incomplete: no field {', '.join(repr(m) for m in missing)}")
+        return cls(**known)
