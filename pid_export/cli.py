@@ -214,6 +214,12 @@ def cli(backbone, variant, checkpoint, network_config, precision, fp8_base, cali
     engine = _engine_options(min_hw, opt_hw, max_hw, max_batch, profiles, trt, compute_capability, workspace_gb,
                              strip_weights, verify)
     _check_writable(out_dir)
+    if release is not None and checkpoint is None:
+        from .checkpoints import why_checkpoint_unavailable
+
+        unavailable = why_checkpoint_unavailable(release)  # said before the engine plan and minutes of work
+        if unavailable is not None:
+            raise UsageProblem(unavailable)
     fp8 = _fp8_options(precision, fp8_base, calibration_dir, guard_min_psnr, guard_max_error_ratio,
                        accept_accuracy_loss, fp8_attention)
 
