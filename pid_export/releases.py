@@ -17,6 +17,10 @@ from typing import Iterable
 from .config import PidConfig
 
 HUB_REPO = "nvidia/PiD"
+# Said once where a user decides to deploy (pid-export's closing lines, README's deploy notes).
+WEIGHTS_LICENCE_NOTE = (f"licence: the PiD weights ({HUB_REPO}) are under NVIDIA's non-commercial research licence "
+                        "(terms on the model card); ONNX files and engines made from them are derivatives of the "
+                        "weights, under the same terms")
 CHECKPOINT_FILENAME = "model_ema_bf16.pth"
 
 VARIANT_2K = "2k"
