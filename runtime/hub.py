@@ -43,3 +43,29 @@ def _probe(endpoint: str) -> str | None:
         text = "no answer within {:g} s".format(PROBE_TIMEOUT_S) if isinstance(reason, (socket.timeout, TimeoutError)) \
             else str(reason).strip() or type(reason).__name__
         return f"the Hugging Face hub ({endpoint}) is unreachable: {text}"
+
+
+def in_hub_cache(repo_id: str) -> bool:
+    """Whether a hub model or pipeline repo is in the local Hugging Face cache (its config or model index)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    for name in ("config.json", "model_index.json"):
+        try:
+            if isinstance(try_to_load_from_cache(repo_id, name), str):
+                return True
+        except Exception:  # not a repo id the cache can hold
+            return False
+    return False
+
+
+def why_model_unavailable(model: str, what: str, local_copy: str = "a local directory") -> str | None:
+    """One line when `model` (a hub id; a local path always passes) can be neither read from the cache
+    nor downloaded now; None when it may load."""
+    if os.path.exists(os.path.expanduser(model)) or in_hub_cache(model):
+        return None
+    offline = (os.environ.get("HF_HUB_OFFLINE") or "").strip().upper() in {"1", "ON", "YES", "TRUE"}
+    reason = "HF_HUB_OFFLINE is set" if offline else hub_unreachable()
+    if reason is None:
+        return None
+    return (f"{what} '{model}' is not in the Hugging Face cache and {reason}: download it where the hub is "
+            f"reachable (`hf download {model}`) or pass {local_copy}")
