@@ -197,6 +197,8 @@ def cli(backbone, variant, checkpoint, network_config, precision, fp8_base, cali
         network = _load_network_config(network_config)
         label = network_config.stem
     else:
+        if backbone and not variant:
+            raise UsageProblem(_variants_of(backbone))
         if not backbone or not variant:
             raise UsageProblem("choose a release with --backbone NAME --variant NAME (see --help), "
                                "or a custom network with --network-config FILE --checkpoint PATH")
@@ -233,6 +235,18 @@ def cli(backbone, variant, checkpoint, network_config, precision, fp8_base, cali
     except PipelineError as exc:
         raise UsageProblem(str(exc)) from None
     _say(f"export ready: {export_dir}")
+
+
+def _variants_of(backbone: str) -> str:
+    """The one line for --backbone without --variant: that backbone's released variants."""
+    from .releases import variants_of
+
+    try:
+        variants = variants_of(backbone)
+    except UnknownReleaseError as exc:
+        return str(exc)
+    return (f"--backbone {backbone} needs --variant NAME: its releases are {', '.join(variants)} "
+            f"(e.g. pid-export --backbone {backbone} --variant {variants[-1]})")
 
 
 def _fp8_options(precision, base, calibration_dir, min_psnr, max_ratio, accept_loss, attention):

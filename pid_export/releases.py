@@ -275,6 +275,12 @@ def release_by_name(name: str) -> Release:
     return release
 
 
+def variants_of(backbone: str) -> tuple[str, ...]:
+    """The released variants of a backbone (or alias); UnknownReleaseError for an unknown one."""
+    key = canonical_backbone(backbone)
+    return tuple(r.variant for r in _RELEASES if r.backbone == key)
+
+
 def released_pairs_text() -> str:
     """`released: flux: 2k, 2kto4k, 2kto4k-v1.5; ...; aliases: zimage -> flux, ...`."""
     per_backbone = "; ".join(
