@@ -235,6 +235,10 @@ def cli(backbone, variant, checkpoint, network_config, precision, fp8_base, cali
     except PipelineError as exc:
         raise UsageProblem(str(exc)) from None
     _say(f"export ready: {export_dir}")
+    if release is not None:  # where the user decides to deploy
+        from .releases import WEIGHTS_LICENCE_NOTE
+
+        _say(WEIGHTS_LICENCE_NOTE)
 
 
 def _variants_of(backbone: str) -> str:

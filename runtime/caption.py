@@ -106,6 +106,8 @@ def why_caption_model_unavailable(model: str | os.PathLike[str]) -> str | None:
     model = str(model)
     if Path(model).expanduser().exists() or _in_hub_cache(model):
         return None
+    if model.startswith(("/", ".", "~")) or model.count("/") > 1:  # a path, not a hub id (`org/name`)
+        return f"caption model directory {model} does not exist"
     reason = "HF_HUB_OFFLINE is set" if hub_offline() else hub_unreachable()
     if reason is None:
         return None
