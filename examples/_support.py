@@ -32,11 +32,11 @@ def preflight(prog: str, pid: str, device: str, pipeline_model: str) -> None:
 
 
 def _diffusers_missing() -> str | None:
-    try:
-        import diffusers  # noqa: F401
-        import transformers  # noqa: F401
-    except ImportError as exc:
-        return f"needs {exc.name}: {INSTALL}"
+    import importlib.util
+
+    for name in ("diffusers", "transformers"):  # found, not imported: importing diffusers takes seconds
+        if importlib.util.find_spec(name) is None:
+            return f"needs {name}: {INSTALL}"
     return None
 
 

@@ -9,8 +9,8 @@ SD3 returns its latent unpacked, [B,16,H/8,W/8], already in the space PiD was tr
 Needs: a CUDA GPU (--device, default cuda; a 4K decode on a CPU takes very long), the pipeline's
 weights (stabilityai/stable-diffusion-3-medium-diffusers, a gated repo: accept its licence and log
 in) and PiD's Gemma-2 caption encoder (Efficient-Large-Model/gemma-2-2b-it, or a local copy in
-$PID_CAPTION_MODEL) from the Hugging Face hub or its cache, and pip install 'pid-
-export[diffusers,caption]'. Anything missing is said in one line before loading.
+$PID_CAPTION_MODEL) from the Hugging Face hub or its cache, and pip install
+'pid-export[diffusers,caption]'. Anything missing is said in one line before loading.
 """
 
 from __future__ import annotations

@@ -67,14 +67,16 @@ def store_empty_caption(
     model = str(caption_model or default_caption_model())
     try:
         if encoder is None:
+            # Not cached and no hub (one quick probe): said now, before transformers is even imported,
+            # instead of after minutes of huggingface_hub's retries.
+            unavailable = why_caption_model_unavailable(model)
+            if unavailable is not None:
+                raise CaptionError(unavailable)
             try:
                 encoder = load_encoder(model, device=device, local_files_only=True)
             except CaptionError:
                 if not download or hub_offline() or Path(model).expanduser().exists():
                     raise
-                unavailable = why_caption_model_unavailable(model)  # one quick probe instead of minutes of retries
-                if unavailable is not None:
-                    raise CaptionError(unavailable) from None
                 fetch_caption_model(model, txt_embed_dim, notify)
                 encoder = load_encoder(model, device=device, local_files_only=True)
         if txt_embed_dim is not None and encoder.hidden_size != txt_embed_dim:
