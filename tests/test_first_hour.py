@@ -194,6 +194,15 @@ def test_backbone_without_variant_lists_its_variants(tmp_path):
     assert set(variants_of("sd3")) == {"2k", "2kto4k"}  # the registry, as README's release table says
 
 
+def test_readme_installs_cpu_torch_from_pytorchs_index_and_ci_runs_readmes_line():
+    cpu_torch = "pip install --retries 1 torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu"
+    setup = [line.strip() for line in README.splitlines() if line.strip().startswith("pip install")]
+    assert len(setup) >= 2 and all(line.startswith(cpu_torch + " && ") for line in setup[:2]), setup[:2]
+    ci = (REPO / ".ci" / "run").read_text()
+    test_line = next(line for line in setup if "pytest" in line)
+    assert test_line in ci.splitlines(), "the CI script must run README's test command verbatim"
+
+
 # ---------------------------------------------------------------------------
 # The demo leads somewhere: README's first command, then README's pid-run line, as typed
 
@@ -210,7 +219,7 @@ def readme_command(prefix: str) -> str:
 @pytest.mark.heavy
 def test_demo_then_readmes_pid_run_line_writes_the_demos_image(tmp_path):
     env = hub_env(tmp_path, "http://127.0.0.1:9")
-    first = readme_command("pip install torch")
+    first = readme_command("pip install")
     assert first.endswith("&& pid-export --demo"), first  # README's first command ends with the demo
     proc, seconds = run([tool("pid-export"), "--demo"], env, tmp_path, timeout=900)
     assert proc.returncode == 0, proc.stderr
