@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -243,3 +244,29 @@ def test_demo_then_readmes_pid_run_line_writes_the_demos_image(tmp_path):
     assert demo.shape == again.shape == (256, 384, 3)
     assert np.array_equal(demo, again), f"max difference {np.abs(demo.astype(int) - again).max()}"
     assert demo.std() > 0  # an image, not a blank
+
+
+# ---------------------------------------------------------------------------
+# benchmarks --quick: what the console says
+
+
+def test_quick_benchmark_console_says_identical_splits_wall_time_and_reports_load(tmp_path):
+    out = tmp_path / "quick.json"
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.latency", "--quick", "--repeat", "2", "--warmup", "0",
+                           "--out", str(out)], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    document = json.loads(out.read_text())
+    records = {r["backend"]: r for r in document["records"]}
+    console = proc.stdout
+    assert "psnr_db=None" not in console
+    if records["torch-eager"]["max_abs_err"] == 0:  # the reference row: bit-equal to the reference decode
+        assert re.search(r"^torch-eager .* psnr_db=identical$", console, re.M), console
+    wall = re.search(r"^wall time ([\d.]+) s: ([\d.]+) s exporting ONNX, ([\d.]+) s decoding", console, re.M)
+    assert wall, console
+    assert float(wall.group(2)) == pytest.approx(records["onnxruntime"]["export_s"], abs=0.1)
+    assert float(wall.group(2)) + float(wall.group(3)) == pytest.approx(float(wall.group(1)), abs=0.2)
+    load = document["machine_load"]
+    assert len(load["load_average_end"]) == 3 and load["cpus"] == os.cpu_count()
+    assert f"{load['load_average_end'][0]:.2f} (1 min) on {os.cpu_count()} CPUs" in console
+    assert "Machine during the run: load average" in out.with_suffix(".md").read_text()
