@@ -228,6 +228,9 @@ def test_demo_then_readmes_pid_run_line_writes_the_demos_image(tmp_path):
     assert "random caption" in out and "not in the local Hugging Face cache" in out
     assert ("engine step skipped" in out) or ("engine.plan" in out)
     assert "export ready: engines/demo-builtin-fp32" in out
+    # The ONNX step says what tracing is and how long it takes, and splits its total by phase.
+    assert "torch.onnx records every operation" in out
+    assert re.search(r"^    tracing [\d.]+ s, folding constants [\d.]+ s, checking [\d.]+ s$", out, re.M), out
     printed = re.search(r"^next: (pid-run .*?)\s+#", out, re.M)
     assert printed, out
     readme_line = readme_command("pid-run engines/demo-builtin-fp32")
