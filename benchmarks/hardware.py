@@ -17,6 +17,7 @@ import resource
 import threading
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -305,3 +306,55 @@ class MemoryGrowth:
         else:
             peak = _status_kib("VmHWM")
             self.host_peak_growth = (peak - self._rss_start) * 1024 if peak is not None else None
+
+
+# ---------------------------------------------------------------------------
+# How busy the machine was (a loaded shared machine stretches p90 far above the median)
+
+
+def _cpu_times() -> tuple[int, int] | None:
+    """(total jiffies, steal jiffies) of all CPUs from /proc/stat; None where it does not exist."""
+    try:
+        fields = open("/proc/stat").readline().split()[1:]
+    except OSError:
+        return None
+    values = [int(v) for v in fields]
+    return sum(values[:8]), (values[7] if len(values) > 7 else 0)
+
+
+class MachineLoad:
+    """Load average at the start and end of a run, and the CPU steal share during it (Linux)."""
+
+    def __init__(self) -> None:
+        self.start_load = _load_average()
+        self.start_times = _cpu_times()
+
+    def result(self) -> dict[str, Any]:
+        end_times = _cpu_times()
+        steal = None
+        if self.start_times and end_times and end_times[0] > self.start_times[0]:
+            steal = 100.0 * (end_times[1] - self.start_times[1]) / (end_times[0] - self.start_times[0])
+        return {"cpus": os.cpu_count(), "load_average_start": self.start_load, "load_average_end": _load_average(),
+                "cpu_steal_pct": steal}
+
+
+def _load_average() -> list[float] | None:
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except (OSError, AttributeError):
+        return None
+
+
+def load_text(load: dict[str, Any] | None) -> str:
+    """`load average 9.63 (1 min) at the end on 2 CPUs: busy, figures are noisy; CPU steal 0.0%`."""
+    if not load:
+        return "machine load not recorded"
+    parts = []
+    end, cpus = load.get("load_average_end"), load.get("cpus") or 1
+    if end:
+        busy = end[0] > cpus
+        parts.append(f"load average {load['load_average_start'][0]:.2f} -> {end[0]:.2f} (1 min) on {cpus} CPUs"
+                     + (": BUSY, other work shared the CPUs, so the figures are noisy" if busy else ": quiet"))
+    if load.get("cpu_steal_pct") is not None:
+        parts.append(f"CPU steal {load['cpu_steal_pct']:.1f}%")
+    return "; ".join(parts) or "machine load not available on this system"

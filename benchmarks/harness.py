@@ -28,7 +28,7 @@ from pid_runtime.sampler import draw_noise, sample
 
 from .backends import BackendSkipped, BenchBackend, DecodeInputs, make_backend
 from .flops import decode_flops
-from .hardware import PeakMemory, StepClock, device_name, peak_tflops, synchronize
+from .hardware import MachineLoad, PeakMemory, StepClock, device_name, peak_tflops, synchronize
 from .report import accuracy, percentile
 
 
@@ -172,6 +172,7 @@ def run_benchmark(net: PidNet, weights: str, s: Settings,
                   say: Callable[[str], None] = print) -> dict[str, Any]:
     """Measure every (size, backend); returns the results document (also passed to on_update)."""
     began = time.perf_counter()
+    load = MachineLoad()  # reported beside the figures: a busy machine stretches p90 far above the median
     env = environment(s.device)
     peak, peak_source = peak_tflops(env["device_name"], s.precision, s.peak_override)
     document: dict[str, Any] = {
@@ -224,6 +225,8 @@ def run_benchmark(net: PidNet, weights: str, s: Settings,
         for backend in backends.values():
             backend.close()
     document["wall_s"] = time.perf_counter() - began
+    document["export_s"] = sum(r.get("export_s") or 0.0 for r in document["records"])
+    document["machine_load"] = load.result()
     on_update(document)
     return document
 

@@ -20,6 +20,8 @@ import torch
 
 from pid_export.pipeline import PipelineError
 
+from .hardware import load_text
+
 DEFAULT_SIZES = ((2048, 2048), (2304, 1728), (2688, 1536), (3840, 3840), (4096, 3072))
 DEFAULT_BACKENDS = ("torch-eager", "torch-compile", "onnxruntime", "tensorrt")
 QUICK_BACKENDS = ("torch-eager", "onnxruntime")
@@ -59,6 +61,13 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     return device
+
+
+def psnr_text(record: dict) -> str:
+    """PSNR as the table says it: `identical` for bit-equal output (no finite PSNR), else dB or n/a."""
+    if record.get("max_abs_err") == 0:
+        return "identical"
+    return f"{record['psnr_db']:.1f}" if record.get("psnr_db") is not None else "n/a"
 
 
 def output_paths(out: Path | None, results_dir: Path | None, stem: str) -> dict[str, Path]:
@@ -159,12 +168,15 @@ def main(quick, sizes, backends, device, precision, batch, steps, warmup, repeat
             click.echo(f"{record['backend']:<14} {record['output_size']:>10} {record['precision']}: "
                        f"latency_ms_median={record['latency_ms_median']:.1f} p90={record['latency_ms_p90']:.1f} "
                        f"per_call_ms={record['per_call_ms_median']:.1f} "
-                       f"TFLOP/s={record['achieved_tflops']:.3f} psnr_db={record.get('psnr_db')}")
+                       f"TFLOP/s={record['achieved_tflops']:.3f} psnr_db={psnr_text(record)}")
         else:
             click.echo(f"{record['backend']:<14} {record['output_size']:>10} {record['status']}: {record['reason']}")
     click.echo(f"wrote {paths['json']} and {paths['md']}" + (f"; no plot: {why_no_plot}" if why_no_plot
                                                              else f" and {paths['png']}"))
-    click.echo(f"wall time {document['wall_s']:.1f} s (measurement loop)")
+    exporting = document.get("export_s") or 0.0
+    click.echo(f"wall time {document['wall_s']:.1f} s: {exporting:.1f} s exporting ONNX, "
+               f"{document['wall_s'] - exporting:.1f} s decoding (timed runs, warm-up, reference)")
+    click.echo(f"machine: {load_text(document.get('machine_load'))}")
     if not any(r["status"] == "ok" for r in document["records"]):
         raise click.ClickException("no backend produced a measurement (see the reasons above)")
 

@@ -115,6 +115,10 @@ def markdown(document: dict[str, Any]) -> str:
             skipped.append(f"- {record['backend']} {record['output_size']}: {record['status']}: {record['reason']}")
             continue
         lines.append("| " + " | ".join(str(cell(record)) for _, cell in COLUMNS) + " |")
+    if document.get("machine_load"):
+        from .hardware import load_text
+
+        lines += ["", f"Machine during the run: {load_text(document['machine_load'])}."]
     if skipped:
         lines += ["", "Not measured:", *skipped]
     if document.get("overhead"):

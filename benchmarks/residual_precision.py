@@ -56,7 +56,7 @@ def network(cfg, state: dict[str, torch.Tensor]) -> PidNet:
     return net.eval().requires_grad_(False)
 
 
-@click.command()
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--release", default="sd3/2kto4k", show_default=True,
               help="backbone/variant, or a JSON network config (a golden case's file: a quick smoke run).")
 @click.option("--size", default="256x256", show_default=True, help="Output HxW.")

@@ -3,9 +3,14 @@
     pid-export --backbone flux --variant 2kto4k     # once; prints the export directory
     python examples/flux.py "a red fox in fresh snow" --pid engines/PiD_res2kto4k_sr4x_official_flux_distill_4step-bf16
 
-1024x1024 in, 4096x4096 out. Needs pip install 'pid-export[diffusers,caption]' and access to
-the pipeline's weights on the Hugging Face hub. Z-Image works too (--model Tongyi-MAI/Z-Image-Turbo
---steps 9 --guidance 0): its latents are unpacked [B,16,H/8,W/8], the same latent space.
+1024x1024 in, 4096x4096 out. Z-Image works too (--model Tongyi-MAI/Z-Image-Turbo --steps 9
+--guidance 0): its latents are unpacked [B,16,H/8,W/8], the same latent space.
+
+Needs: a CUDA GPU (--device, default cuda; a 4K decode on a CPU takes very long), the pipeline's
+weights (black-forest-labs/FLUX.1-dev, a gated repo: accept its licence and log in) and PiD's
+Gemma-2 caption encoder (Efficient-Large-Model/gemma-2-2b-it, or a local copy in $PID_CAPTION_MODEL)
+from the Hugging Face hub or its cache, and pip install 'pid-export[diffusers,caption]'. Anything
+missing is said in one line before loading.
 """
 
 from __future__ import annotations
@@ -42,15 +47,22 @@ def main() -> None:
     parser.add_argument("--guidance", type=float, default=3.5)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="flux_pid.png")
+    parser.add_argument("--device", default="cuda", help="where the pipeline and PiD run: cuda, cuda:N or cpu")
     args = parser.parse_args()
+    from _support import preflight, run_reporting_errors  # examples/_support.py (beside this script)
 
-    from diffusers import DiffusionPipeline  # FluxPipeline or ZImagePipeline, from the model's files
+    preflight("flux.py", args.pid, args.device, args.model)
 
-    pipe = DiffusionPipeline.from_pretrained(args.model, torch_dtype=torch.bfloat16).to("cuda")
-    with PidDecoder.from_export(args.pid, device="cuda") as decoder:
-        generate(pipe, decoder, args.out, prompt=args.prompt, height=args.height, width=args.width, seed=args.seed,
-                 num_inference_steps=args.steps, guidance_scale=args.guidance)
-    print(f"wrote {args.out}")
+    def body() -> None:
+        from diffusers import DiffusionPipeline  # FluxPipeline or ZImagePipeline, from the model's files
+
+        pipe = DiffusionPipeline.from_pretrained(args.model, torch_dtype=torch.bfloat16).to(args.device)
+        with PidDecoder.from_export(args.pid, device=args.device) as decoder:
+            generate(pipe, decoder, args.out, prompt=args.prompt, height=args.height, width=args.width,
+                     seed=args.seed, num_inference_steps=args.steps, guidance_scale=args.guidance)
+        print(f"wrote {args.out}")
+
+    run_reporting_errors("flux.py", body)
 
 
 if __name__ == "__main__":

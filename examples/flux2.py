@@ -4,10 +4,15 @@ r"""FLUX.2 (dev or Klein) with PiD as its decoder: prompt -> latent -> 4x super-
     python examples/flux2.py "a paper boat on a puddle" \
         --pid engines/PiD_v1pt5_res2kto4k_sr4x_official_flux2_distill_4step-bf16
 
-Needs pip install 'pid-export[diffusers,caption]' and the pipeline's weights from the hub.
 Flux2Pipeline returns packed normalised tokens [B,(H/16)*(W/16),128]; Flux2KleinPipeline the
 raw VAE latent [B,32,H/8,W/8], which PiD takes only after the VAE's batch norm, so the
 decoder is given the VAE (bn_stats=pipe.vae) to re-normalise it.
+
+Needs: a CUDA GPU (--device, default cuda; a 4K decode on a CPU takes very long), the pipeline's
+weights (black-forest-labs/FLUX.2-klein-4B or FLUX.2-dev) and PiD's Gemma-2 caption encoder
+(Efficient-Large-Model/gemma-2-2b-it, or a local copy in $PID_CAPTION_MODEL) from the Hugging Face
+hub or its cache, and pip install 'pid-export[diffusers,caption]'. Anything missing is said in one
+line before loading.
 """
 
 from __future__ import annotations
@@ -42,15 +47,22 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4, help="4 for Klein, ~50 for dev")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="flux2_pid.png")
+    parser.add_argument("--device", default="cuda", help="where the pipeline and PiD run: cuda, cuda:N or cpu")
     args = parser.parse_args()
+    from _support import preflight, run_reporting_errors  # examples/_support.py (beside this script)
 
-    from diffusers import DiffusionPipeline  # Flux2KleinPipeline or Flux2Pipeline, from the model's files
+    preflight("flux2.py", args.pid, args.device, args.model)
 
-    pipe = DiffusionPipeline.from_pretrained(args.model, torch_dtype=torch.bfloat16).to("cuda")
-    with PidDecoder.from_export(args.pid, device="cuda") as decoder:
-        generate(pipe, decoder, args.out, prompt=args.prompt, height=args.height, width=args.width, seed=args.seed,
-                 num_inference_steps=args.steps)
-    print(f"wrote {args.out}")
+    def body() -> None:
+        from diffusers import DiffusionPipeline  # Flux2KleinPipeline or Flux2Pipeline, from the model's files
+
+        pipe = DiffusionPipeline.from_pretrained(args.model, torch_dtype=torch.bfloat16).to(args.device)
+        with PidDecoder.from_export(args.pid, device=args.device) as decoder:
+            generate(pipe, decoder, args.out, prompt=args.prompt, height=args.height, width=args.width,
+                     seed=args.seed, num_inference_steps=args.steps)
+        print(f"wrote {args.out}")
+
+    run_reporting_errors("flux2.py", body)
 
 
 if __name__ == "__main__":

@@ -4,8 +4,13 @@ r"""Stable Diffusion 3 with PiD as its decoder: prompt -> latent -> 4x super-res
     python examples/sd3.py "a lighthouse at dusk, oil painting" \
         --pid engines/PiD_res2kto4k_sr4x_official_sd3_distill_4step-bf16
 
-Needs pip install 'pid-export[diffusers,caption]' and access to the SD3 weights on the hub.
 SD3 returns its latent unpacked, [B,16,H/8,W/8], already in the space PiD was trained on.
+
+Needs: a CUDA GPU (--device, default cuda; a 4K decode on a CPU takes very long), the pipeline's
+weights (stabilityai/stable-diffusion-3-medium-diffusers, a gated repo: accept its licence and log
+in) and PiD's Gemma-2 caption encoder (Efficient-Large-Model/gemma-2-2b-it, or a local copy in
+$PID_CAPTION_MODEL) from the Hugging Face hub or its cache, and pip install
+'pid-export[diffusers,caption]'. Anything missing is said in one line before loading.
 """
 
 from __future__ import annotations
@@ -38,14 +43,22 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=1024)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="sd3_pid.png")
+    parser.add_argument("--device", default="cuda", help="where the pipeline and PiD run: cuda, cuda:N or cpu")
     args = parser.parse_args()
+    from _support import preflight, run_reporting_errors  # examples/_support.py (beside this script)
 
-    from diffusers import StableDiffusion3Pipeline
+    preflight("sd3.py", args.pid, args.device, args.model)
 
-    pipe = StableDiffusion3Pipeline.from_pretrained(args.model, torch_dtype=torch.float16).to("cuda")
-    with PidDecoder.from_export(args.pid, device="cuda") as decoder:
-        generate(pipe, decoder, args.out, prompt=args.prompt, height=args.height, width=args.width, seed=args.seed)
-    print(f"wrote {args.out}")
+    def body() -> None:
+        from diffusers import StableDiffusion3Pipeline
+
+        pipe = StableDiffusion3Pipeline.from_pretrained(args.model, torch_dtype=torch.float16).to(args.device)
+        with PidDecoder.from_export(args.pid, device=args.device) as decoder:
+            generate(pipe, decoder, args.out, prompt=args.prompt, height=args.height, width=args.width,
+                     seed=args.seed)
+        print(f"wrote {args.out}")
+
+    run_reporting_errors("sd3.py", body)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ the encoder as ONNX, so a deployment can make caption embeddings without PyTorch
 
 The graph takes input_ids / attention_mask [B, max_length] int64 (fixed token length,
 dynamic batch) and returns the selected hidden states [B, 300, hidden] float32, i.e.
-everything of SPEC sec. 6 after tokenisation. Tokenisation travels as the tokenizer's
+everything of the caption conditioning after tokenisation. Tokenisation travels as the tokenizer's
 own `tokenizers` pipeline (caption_tokenizer.json) plus caption_encoder.json (prefix,
 lengths, pad token); `pid_runtime.caption.OnnxCaptionEncoder` loads the directory.
 Files are staged in a temporary directory and moved in with the settings file last,
@@ -37,6 +37,7 @@ from pid_runtime.caption import (
     load_encoder,
     save_empty_caption,
     selected_positions,
+    why_caption_model_unavailable,
 )
 from pid_runtime.errors import first_line
 
@@ -66,6 +67,11 @@ def store_empty_caption(
     model = str(caption_model or default_caption_model())
     try:
         if encoder is None:
+            # Not cached and no hub (one quick probe): said now, before transformers is even imported,
+            # instead of after minutes of huggingface_hub's retries.
+            unavailable = why_caption_model_unavailable(model)
+            if unavailable is not None:
+                raise CaptionError(unavailable)
             try:
                 encoder = load_encoder(model, device=device, local_files_only=True)
             except CaptionError:
@@ -126,7 +132,7 @@ def _size_text(size: int) -> str:
 
 
 class SelectedHiddenStates(torch.nn.Module):
-    """Decoder stack + SPEC sec. 6 position selection, float32 out."""
+    """Decoder stack + the caption position selection (first + last 299), float32 out."""
 
     def __init__(self, decoder: torch.nn.Module, max_length: int):
         super().__init__()

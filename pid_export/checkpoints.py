@@ -80,6 +80,30 @@ def _local_checkpoint(path: Path, release: Release | None) -> Path:
     return path
 
 
+def why_checkpoint_unavailable(release: Release) -> str | None:
+    """Checked before any slow work: one line saying why the release's hub file cannot be had, or None.
+
+    None when the file is in the Hugging Face cache or the hub answers one quick probe; so an
+    offline machine is told in seconds instead of after huggingface_hub's retries (~25 s).
+    """
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    from pid_runtime.hub import OFFLINE_HINT, hub_unreachable
+
+    try:
+        if isinstance(try_to_load_from_cache(release.hub_repo, release.checkpoint_file), str):
+            return None
+    except Exception:  # a broken cache is no cache
+        pass
+    reason = "offline mode (HF_HUB_OFFLINE) is on" if constants.HF_HUB_OFFLINE else hub_unreachable()
+    if reason is None:
+        return None
+    where = f"{release.hub_repo}/{release.checkpoint_file}"
+    skip = "" if constants.HF_HUB_OFFLINE else f"; {OFFLINE_HINT} makes pid-export skip the hub without trying"
+    return (f"cannot get the {release.label} checkpoint ({where}): it is not in the Hugging Face cache and "
+            f"{reason}: download it by other means and pass --checkpoint PATH{skip}")
+
+
 def _download(release: Release) -> Path:
     # Imported here so that loading a local file never needs huggingface_hub.
     from huggingface_hub import constants, hf_hub_download
@@ -87,6 +111,9 @@ def _download(release: Release) -> Path:
 
     where = f"{release.hub_repo}/{release.checkpoint_file}"
     advice = "download it by other means and pass --checkpoint PATH"
+    unavailable = why_checkpoint_unavailable(release)
+    if unavailable is not None:
+        raise CheckpointError(unavailable)
     try:
         return Path(hf_hub_download(repo_id=release.hub_repo, filename=release.checkpoint_file))
     except LocalEntryNotFoundError:

@@ -197,6 +197,8 @@ def cli(backbone, variant, checkpoint, network_config, precision, fp8_base, cali
         network = _load_network_config(network_config)
         label = network_config.stem
     else:
+        if backbone and not variant:
+            raise UsageProblem(_variants_of(backbone))
         if not backbone or not variant:
             raise UsageProblem("choose a release with --backbone NAME --variant NAME (see --help), "
                                "or a custom network with --network-config FILE --checkpoint PATH")
@@ -214,6 +216,12 @@ def cli(backbone, variant, checkpoint, network_config, precision, fp8_base, cali
     engine = _engine_options(min_hw, opt_hw, max_hw, max_batch, profiles, trt, compute_capability, workspace_gb,
                              strip_weights, verify)
     _check_writable(out_dir)
+    if release is not None and checkpoint is None:
+        from .checkpoints import why_checkpoint_unavailable
+
+        unavailable = why_checkpoint_unavailable(release)  # said before the engine plan and minutes of work
+        if unavailable is not None:
+            raise UsageProblem(unavailable)
     fp8 = _fp8_options(precision, fp8_base, calibration_dir, guard_min_psnr, guard_max_error_ratio,
                        accept_accuracy_loss, fp8_attention)
 
@@ -227,6 +235,22 @@ def cli(backbone, variant, checkpoint, network_config, precision, fp8_base, cali
     except PipelineError as exc:
         raise UsageProblem(str(exc)) from None
     _say(f"export ready: {export_dir}")
+    if release is not None:  # where the user decides to deploy
+        from .releases import WEIGHTS_LICENCE_NOTE
+
+        _say(WEIGHTS_LICENCE_NOTE)
+
+
+def _variants_of(backbone: str) -> str:
+    """The one line for --backbone without --variant: that backbone's released variants."""
+    from .releases import variants_of
+
+    try:
+        variants = variants_of(backbone)
+    except UnknownReleaseError as exc:
+        return str(exc)
+    return (f"--backbone {backbone} needs --variant NAME: its releases are {', '.join(variants)} "
+            f"(e.g. pid-export --backbone {backbone} --variant {variants[-1]})")
 
 
 def _fp8_options(precision, base, calibration_dir, min_psnr, max_ratio, accept_loss, attention):

@@ -2,13 +2,18 @@
 
 If the default release's checkpoint (sd3 / 2kto4k) is already in the local
 Hugging Face cache, the demo exports it like `pid-export --backbone sd3
---variant 2kto4k`. Otherwise (no hub access here) it uses a small built-in
+--variant 2kto4k`. Otherwise (it downloads nothing) it uses a small built-in
 model of the real architecture (same blocks, interfaces and latent/caption
 layout as the sd3 release, fewer and narrower layers, seeded random weights),
 exports it to ONNX with dynamic shapes, builds its engine when a TensorRT library is
 importable (TensorRT-RTX builds on a CPU-only machine), and decodes a sample latent
 through pid_runtime (the same path as `pid-run`: the engine where it can run, else the
 ONNX with ONNX Runtime), writing `demo.png`.
+
+The built-in export also holds what that decode used, so `pid-run` repeats it exactly:
+`demo_latents.npy` (the sample latent) and `empty_caption.npy` (the random caption, stored
+as the export's unconditional caption, the one pid-run takes when given none: the built-in
+model has no caption encoder). The demo ends with `export ready:` and that pid-run line.
 """
 
 from __future__ import annotations
@@ -20,9 +25,11 @@ from typing import Callable
 import torch
 
 from .config import PidConfig
-from .releases import get_release
+from .releases import WEIGHTS_LICENCE_NOTE, get_release
 
 DEFAULT_BACKBONE, DEFAULT_VARIANT = "sd3", "2kto4k"
+DEMO_LATENTS_NAME = "demo_latents.npy"  # the sample latent, beside demo.png (pid-run writes demo_latents.png)
+DEMO_IMAGE_NAME = "demo.png"
 
 # The sd3 release's interface (16-ch latent, x8 VAE, x4 SR, 2304-d captions of 300 tokens),
 # with a small transformer: hidden 384 (6 heads of 64), 4 patch blocks, pixel attention 288 (4 x 72).
@@ -77,19 +84,42 @@ def run_demo(out_dir: Path | None, log: Callable[[str], None] = print, size: tup
                                 engine=EngineOptions(library=library, verify=_engine_runs_here(library)))
         export_dir = run_export(request, log)
         log(f"export ready: {export_dir}")
+        log(WEIGHTS_LICENCE_NOTE)
         return export_dir
 
-    log("demo: the released checkpoint is not in the local Hugging Face cache (no hub access here), so this "
+    log(f"demo: the released checkpoint is not in the local Hugging Face cache ({_hub_note()}), so this "
         "uses a SMALL BUILT-IN MODEL of the real PiD architecture with random weights: the image shows the "
         "pipeline works, not PiD's quality. Use --backbone/--variant (or --checkpoint) for a real release.")
-    return _run_builtin(out_dir or Path("engines") / "demo-builtin-fp32", log, size, seed, library)
+    out_dir = out_dir or Path("engines") / "demo-builtin-fp32"
+    export_dir = _run_builtin(out_dir, log, size, seed, library)
+    log(f"export ready: {out_dir}")
+    latents = out_dir / DEMO_LATENTS_NAME
+    log(f"next: pid-run {out_dir} {latents}   # the same decode again: writes {latents.with_suffix('.png')}, "
+        f"equal to {DEMO_IMAGE_NAME}")
+    return export_dir
+
+
+def _hub_note() -> str:
+    """What is true about the hub, checked once and quickly (the demo downloads nothing either way)."""
+    from pid_runtime.caption import hub_offline
+    from pid_runtime.hub import hub_unreachable
+
+    if hub_offline():
+        return "HF_HUB_OFFLINE is set"
+    unreachable = hub_unreachable()
+    if unreachable is not None:
+        return unreachable
+    return (f"the hub is reachable, but the demo downloads nothing: `pid-export --backbone {DEFAULT_BACKBONE} "
+            f"--variant {DEFAULT_VARIANT}` fetches the 2.7 GB checkpoint")
 
 
 def _run_builtin(out_dir: Path, log: Callable[[str], None], size: tuple[int, int], seed: int,
                  library: str | None = None) -> Path:
     from pid_runtime.backends import open_backend
+    from pid_runtime.caption import write_embeddings
     from pid_runtime.decode import decode
     from pid_runtime.io import write_output
+    from pid_runtime.metadata import EMPTY_CAPTION_NAME
 
     from .network import PidNet
     from .pipeline import EngineOptions, LoadedNetwork, Stages, build_and_verify, engine_status, export_network
@@ -105,7 +135,9 @@ def _run_builtin(out_dir: Path, log: Callable[[str], None], size: tuple[int, int
     stages = Stages(log)
     result = export_network(LoadedNetwork(net.eval(), None, None), out_dir, "fp32", DemoRelease(), stages=stages)
     usable, library_line = engine_status(library)
-    if usable:
+    if not usable:
+        log(f"engine step skipped: {library_line}")
+    else:
         log(f"a TensorRT library is installed, {library_line}: building the built-in model's engine")
         verify = _engine_runs_here(library)  # the network is still float32: it is the reference
         build_and_verify(result.out_dir, DemoRelease(), "fp32", EngineOptions(library=library, verify=verify),
@@ -116,14 +148,29 @@ def _run_builtin(out_dir: Path, log: Callable[[str], None], size: tuple[int, int
     gen = torch.Generator().manual_seed(seed)
     latents = torch.randn(1, cfg.lq_latent_channels, height // scale, width // scale, generator=gen)
     caption = torch.randn(1, cfg.txt_max_length, cfg.txt_embed_dim, generator=gen)
-    with stages(f"decoding a {list(latents.shape)} latent to {height}x{width} (4 steps, seed {seed})"):
+    # Saved first, as pid-run reads them: the latent, and the caption as the export's unconditional one.
+    save_latents(latents, result.out_dir / DEMO_LATENTS_NAME)
+    write_embeddings(caption, result.out_dir / EMPTY_CAPTION_NAME)
+    with stages(f"decoding a {list(latents.shape)} latent to {height}x{width} with a random caption "
+                f"(4 steps, seed {seed})"):
+        stages.detail(f"saved both for pid-run: {DEMO_LATENTS_NAME}, and the caption as {EMPTY_CAPTION_NAME} "
+                      "(the export's unconditional caption; the built-in model has no caption encoder)")
         backend = open_backend(result.out_dir, log=stages.detail)  # its engine where that can run, else the ONNX
         stages.detail(f"with {backend.name} on {backend.device}")
         try:
             decoded = decode(backend, latents, caption, sigma=0.0, seed=seed, steps=4)
         finally:
             backend.close()
-        image_path = result.out_dir / "demo.png"
+        image_path = result.out_dir / DEMO_IMAGE_NAME
         write_output(decoded.images, image_path)
         stages.detail(f"{image_path} (decode {decoded.timings.total:.1f} s)")
     return result.out_dir
+
+
+def save_latents(latents: torch.Tensor, path: Path) -> Path:
+    """float32 [B,C,h,w] .npy, written aside and renamed (the file pid-run's LATENTS argument reads)."""
+    import numpy as np
+
+    from pid_runtime.io import atomic_write
+
+    return atomic_write(path, lambda temp: np.save(temp, latents.numpy().astype(np.float32)))

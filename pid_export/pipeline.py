@@ -129,13 +129,16 @@ def export_network(loaded: LoadedNetwork, out_dir: Path, precision: str, release
     graph would fail late or run slowly.
     """
     from .onnx_export import ExportError, export_onnx
+    from .progress import PhaseTimer
 
     stages = stages or Stages(lambda message: None)
     try:
         with stages(f"exporting ONNX ({precision}) to {out_dir}"):
-            result = export_onnx(loaded.net, out_dir, precision, release=release,
-                                 checkpoint_sha256=loaded.sha256, static_shape=static_shape,
-                                 progress=stages.detail, require_lint_clean=not allow_lint_problems)
+            with PhaseTimer(stages.detail) as phases:  # a heartbeat while tracing; the total split by phase
+                result = export_onnx(loaded.net, out_dir, precision, release=release,
+                                     checkpoint_sha256=loaded.sha256, static_shape=static_shape,
+                                     progress=phases.say, require_lint_clean=not allow_lint_problems)
+            stages.detail(phases.summary())
     except ExportError as exc:
         raise PipelineError(str(exc)) from None
     except OSError as exc:

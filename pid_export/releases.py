@@ -17,6 +17,10 @@ from typing import Iterable
 from .config import PidConfig
 
 HUB_REPO = "nvidia/PiD"
+# Said once where a user decides to deploy (pid-export's closing lines, README's deploy notes).
+WEIGHTS_LICENCE_NOTE = (f"licence: the PiD weights ({HUB_REPO}) are under NVIDIA's non-commercial research licence "
+                        "(terms on the model card); ONNX files and engines made from them are derivatives of the "
+                        "weights, under the same terms")
 CHECKPOINT_FILENAME = "model_ema_bf16.pth"
 
 VARIANT_2K = "2k"
@@ -269,6 +273,12 @@ def release_by_name(name: str) -> Release:
     if release is None:
         raise UnknownReleaseError(f"no PiD release named {name!r}; released: {', '.join(_BY_NAME)}")
     return release
+
+
+def variants_of(backbone: str) -> tuple[str, ...]:
+    """The released variants of a backbone (or alias); UnknownReleaseError for an unknown one."""
+    key = canonical_backbone(backbone)
+    return tuple(r.variant for r in _RELEASES if r.backbone == key)
 
 
 def released_pairs_text() -> str:

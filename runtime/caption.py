@@ -1,4 +1,4 @@
-"""Caption embeddings: prompts to Gemma-2-2b-it hidden states (SPEC sec. 6).
+"""Caption embeddings: prompts to Gemma-2-2b-it hidden states (the PiD caption conditioning).
 
 PiD is conditioned on the LDM prompt's embedding: the last hidden state of the
 Gemma-2 decoder stack (no LM head) for `PREFIX + caption`, right-padded to
@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from .errors import first_line
+from .hub import OFFLINE_HINT, hub_unreachable
 from .io import atomic_write, load_caption
 from .metadata import EMPTY_CAPTION_NAME
 
@@ -77,13 +78,46 @@ def hub_offline() -> bool:
     return value.strip().upper() in {"1", "ON", "YES", "TRUE"}
 
 
+def _ways_out(model: str) -> str:
+    """What a user without this model in the cache can do (pid-run and pid-export both take --caption-model)."""
+    return (
+        f"pass --caption-model DIR (a local copy of the model, or an exported encoder; or set ${CAPTION_MODEL_ENV}),"
+        f" or pre-download it where the hub is reachable (`hf download {model}`)"
+        + ("" if hub_offline() else f"; {OFFLINE_HINT} makes the tools skip the hub without trying")
+    )
+
+
+def _in_hub_cache(model: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        return isinstance(try_to_load_from_cache(model, "config.json"), str)
+    except Exception:  # an id the cache cannot hold (e.g. a path that does not exist): not cached
+        return False
+
+
+def why_caption_model_unavailable(model: str | os.PathLike[str]) -> str | None:
+    """Checked before any slow work: a one-line reason `model` cannot be had, or None when it may load.
+
+    A local path, or a hub id in the cache, may load (errors come when it is loaded). A hub id
+    that is not cached needs the hub: with HF_HUB_OFFLINE set, or when one quick probe finds the
+    hub unreachable, it is refused now instead of after huggingface_hub's retries.
+    """
+    model = str(model)
+    if Path(model).expanduser().exists() or _in_hub_cache(model):
+        return None
+    if model.startswith(("/", ".", "~")) or model.count("/") > 1:  # a path, not a hub id (`org/name`)
+        return f"caption model directory {model} does not exist"
+    reason = "HF_HUB_OFFLINE is set" if hub_offline() else hub_unreachable()
+    if reason is None:
+        return None
+    return f"caption model '{model}' is not in the Hugging Face cache and {reason}: {_ways_out(model)}"
+
+
 def _load_error(model: str, exc: BaseException, no_download_reason: str | None) -> CaptionError:
     if Path(model).expanduser().is_dir():
         return CaptionError(f"cannot load the caption model from directory {model}: {first_line(exc).rstrip('.')}")
-    how = (
-        f"pre-download it where the network is reachable (`hf download {model}`, then HF_HUB_OFFLINE=1 works)"
-        " or pass a local directory holding the model"
-    )
+    how = _ways_out(model)
     if no_download_reason:
         return CaptionError(f"caption model '{model}' is not in the Hugging Face cache and {no_download_reason}: {how}")
     return CaptionError(
@@ -138,6 +172,8 @@ class CaptionEncoder:
             no_download_reason: str | None = "HF_HUB_OFFLINE is set"
         elif local_files_only:
             no_download_reason = "downloading was not allowed"
+        elif not Path(model).expanduser().exists():
+            no_download_reason = hub_unreachable()  # None when the hub answers; else the cache only, quietly
         else:
             no_download_reason = None
         offline = no_download_reason is not None

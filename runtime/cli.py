@@ -50,12 +50,14 @@ def parse_size(text: str | None) -> tuple[int, int] | None:
     return int(match.group(1)), int(match.group(2))
 
 
-def caption_for(model_file: Path, batch: int, prompts: Sequence[str], device: torch.device, say) -> torch.Tensor:
+def caption_for(model_file: Path, batch: int, prompts: Sequence[str], device: torch.device, say,
+                caption_model: str | None = None) -> torch.Tensor:
     """Caption embeddings when no --caption-embeds file was given: prompts, else the export's empty caption."""
     from .caption import CaptionError, resolve_caption
 
     try:
-        return resolve_caption(batch, model_file, list(prompts), device=device, notify=say)
+        return resolve_caption(batch, model_file, list(prompts), caption_model=caption_model, device=device,
+                               notify=say)
     except CaptionError as exc:
         raise InputError(str(exc)) from None
 
@@ -118,6 +120,10 @@ of unexpected errors.
 @click.option("--prompt", "prompts", multiple=True, metavar="TEXT",
               help="Encode a caption with Gemma-2 instead of --caption-embeds (repeat for one per item; "
                    "needs pip install 'pid-export[caption]').")
+@click.option("--caption-model", metavar="DIR|REPO", default=None,
+              help="The Gemma-2 caption encoder --prompt uses: a local model directory, an exported encoder "
+                   "directory or a hub id (default: $PID_CAPTION_MODEL, else Efficient-Large-Model/gemma-2-2b-it). "
+                   "Offline, a hub id must be in the Hugging Face cache.")
 @click.option("--sigma", default="0", show_default=True, metavar="S|S1,S2,..",
               help="degrade_sigma of the latents in [0,1]: 0 for a final clean latent; one value or one per item.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the sampler noise (64 bits).")
@@ -148,7 +154,7 @@ of unexpected errors.
               help="With --pipeline flux2*: the FLUX.2 VAE's batch-norm statistics for raw 32-channel latents "
                    "(.safetensors with running_mean/running_var, e.g. the VAE's diffusion_pytorch_model.safetensors).")
 def run_command(model: str, latents: str, out: str | None, caption_embeds: str | None, prompts: tuple[str, ...],
-                sigma: str, seed: int, size_text: str | None, steps: int, noise_file: str | None,
+                caption_model: str | None, sigma: str, seed: int, size_text: str | None, steps: int, noise_file: str | None,
                 batch_size: int | None, bit_depth: str,
                 device: str, cuda_graph: bool, pipeline: str | None, ldm_size: str | None,
                 vae_bn_stats: str | None, trt: str | None) -> None:
@@ -200,6 +206,14 @@ def run_decode(model: str, model_file: Path, meta, latents: str, lq: torch.Tenso
     if lq is None:
         lq = load_latents(latents)
     caption = load_caption(caption_embeds) if caption_embeds else None
+    if caption_model and not prompts:
+        raise InputError("--caption-model is the encoder of --prompt: add --prompt TEXT")
+    if prompts:
+        from .caption import default_caption_model, why_caption_model_unavailable
+
+        unavailable = why_caption_model_unavailable(caption_model or default_caption_model())
+        if unavailable is not None:  # said now, not after the model is opened and the hub retried for a minute
+            raise InputError(unavailable)
     noise = load_noise(noise_file) if noise_file else None
     if caption is None and not prompts:  # the export's empty caption needs no model either
         caption = caption_for(model_file, lq.shape[0], (), torch.device("cpu"), say)
@@ -215,7 +229,7 @@ def run_decode(model: str, model_file: Path, meta, latents: str, lq: torch.Tenso
         say(f"model {model_file} ({backend.name} on {backend.device}; "
             f"{meta.release or 'custom network'}, {meta.precision})")
         if caption is None:
-            caption = caption_for(model_file, lq.shape[0], prompts, backend.device, say)
+            caption = caption_for(model_file, lq.shape[0], prompts, backend.device, say, caption_model)
         height, width = output_size(meta, lq, size)
         native = output_size(meta, lq)
         resized = ("" if (height, width) == native

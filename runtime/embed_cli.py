@@ -8,8 +8,10 @@ from .caption import CAPTION_MODEL_ENV, DEFAULT_MODEL, CaptionError, embed_to_fi
 from .io import InputError
 
 
-@click.command(name="embed", help="Encode prompts (Gemma-2, SPEC sec. 6) into a caption embedding file "
-                                  "[B,300,2304] float32 for pid-run --caption-embeds.")
+@click.command(name="embed", help="Encode prompts (Gemma-2-2b-it's last hidden state for the PiD instruction "
+                                  "prefix + prompt, 300 token positions) into a caption embedding file "
+                                  "[B,300,2304] float32 for pid-run --caption-embeds.",
+               context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("prompts", nargs=-1, required=True, metavar="TEXT...")
 @click.option("--out", "-o", required=True, metavar="FILE", help=".npy, .npz or .safetensors (array 'y').")
 @click.option("--caption-model", default=None, metavar="ID|DIR",
