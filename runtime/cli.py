@@ -21,6 +21,7 @@ from .io import InputError, check_output_path, load_caption, load_latents, load_
 from .latents import BACKBONE_NAMES, LatentError, pipeline_latents_for_cli
 from .metadata import EMPTY_CAPTION_NAME, MetadataError
 from .sampler import MAX_STEPS, timesteps
+from .tiling import TilingError, parse_tile
 
 PROG = "pid-run"
 USER_ERRORS = (BackendError, DecodeError, InputError, MetadataError)
@@ -150,11 +151,18 @@ of unexpected errors.
 @click.option("--vae-bn-stats", metavar="FILE", default=None,
               help="With --pipeline flux2*: the FLUX.2 VAE's batch-norm statistics for raw 32-channel latents "
                    "(.safetensors with running_mean/running_var, e.g. the VAE's diffusion_pytorch_model.safetensors).")
+@click.option("--tile", "tile_text", default="auto", show_default=True, metavar="auto|off|HxW[:OVERLAP]",
+              help="Per-step tiling: the network runs on overlapping tiles at each step (sampler and noise stay "
+                   "whole). auto: only when the size exceeds what the model takes or the memory estimate exceeds "
+                   "the budget; off: never (a decode that would not fit is refused).")
+@click.option("--max-memory", type=click.FloatRange(min=0, min_open=True), default=None, metavar="GB",
+              help="Memory budget in GiB for the whole run (RAM on CPU, device memory on GPU). Default: what is free.")
 def run_command(model: str, latents: str, out: str | None, caption_embeds: str | None, prompts: tuple[str, ...],
                 sigma: str, seed: int, size_text: str | None, steps: int, noise_file: str | None,
                 batch_size: int | None, bit_depth: str,
                 device: str, cuda_graph: bool, pipeline: str | None, ldm_size: str | None,
-                vae_bn_stats: str | None, trt: str | None) -> None:
+                vae_bn_stats: str | None, trt: str | None, tile_text: str = "auto",
+                max_memory: float | None = None) -> None:
     def say(message: str) -> None:
         click.echo(message)
 
@@ -162,6 +170,10 @@ def run_command(model: str, latents: str, out: str | None, caption_embeds: str |
         raise InputError("give either --caption-embeds or --prompt, not both")
     sigmas = parse_sigma(sigma)
     size = parse_size(size_text)
+    try:
+        tile = parse_tile(tile_text)
+    except TilingError as exc:
+        raise click.BadParameter(str(exc), param_hint="'--tile'") from None
     # Cheap checks first, so a typo costs no model load.
     out_path = check_output_path(out, int(bit_depth)) if out is not None else None
     model_file = preflight(model, trt, note=say)
@@ -200,9 +212,17 @@ def run_command(model: str, latents: str, out: str | None, caption_embeds: str |
         def on_step(chunk: int, step: int, t: float, seconds: float) -> None:
             prefix = f"chunk {chunk + 1} " if chunk_size < lq.shape[0] else ""
             say(f"  {prefix}step {step + 1}/{steps} (t={ts[step]:g}): {seconds * 1e3:.1f} ms")
+            steps_done[0] = (step + 1) % steps
+
+        steps_done = [0]  # steps finished in the current chunk (for the tile lines)
+
+        def on_tile(index: int, count: int) -> None:
+            if count > 1:
+                say(f"    step {steps_done[0] + 1}/{steps} tile {index + 1}/{count}")
 
         result = decode(backend, lq, caption, sigmas, seed=seed, steps=steps, noise=noise,
-                        batch_size=batch_size, on_step=on_step, size=size)
+                        batch_size=batch_size, on_step=on_step, size=size, tile=tile, max_memory=max_memory,
+                        on_tile=on_tile, on_plan=lambda plan: say(plan.describe()))
     finally:
         backend.close()
     say(format_timings(result.timings))

@@ -28,6 +28,7 @@ from .decode import DecodeTimings, decode
 from .io import pixel_rows
 from .latents import LatentError, backbone_of_release, check_backbone_fits, from_pipeline, to_training_frame
 from .sampler import MAX_STEPS
+from .tiling import TileSetting
 
 OUTPUT_TYPES = ("pil", "pt", "np")
 
@@ -113,13 +114,16 @@ class PidDecoder:
                caption_embeds: Tensor | np.ndarray | None = None, sigma: float | Sequence[float] | Tensor = 0.0,
                seed: int | None = 0, backbone: str | None = None, height: int | None = None,
                width: int | None = None, bn_stats: Any = None, steps: int = MAX_STEPS,
-               batch_size: int | None = None, output_type: str = "pil", size: tuple[int, int] | None = None) -> Any:
+               batch_size: int | None = None, output_type: str = "pil", size: tuple[int, int] | None = None,
+               tile: TileSetting = "auto", max_memory: float | None = None) -> Any:
         """Decode a pipeline's latents (as `output_type="latent"` returns them) to images.
 
         `height`, `width`: the pipeline's image size (needed for packed latents).
         `sigma`: the scheduler's sigma of the latent (0 for the final one; per item allowed).
         `bn_stats`: for Flux2-Klein's raw latent, `pipe.vae` or a BatchNormStats.
         `size`: output (height, width) in pixels, as `pid-run --size` (default: the latent's native size).
+        `tile`: "auto" | (h, w) | (h, w, overlap) | None, and `max_memory` (GiB), as `pid-run --tile`,
+        `--max-memory` (pid_runtime.tiling).
         No prompt and no caption_embeds: the export's unconditional (empty) caption.
         Returns, like diffusers' image processors: "pil" a list of PIL images,
         "pt" float32 [B,3,H,W] in [0,1], "np" float32 [B,H,W,3] in [0,1].
@@ -130,7 +134,8 @@ class PidDecoder:
         if name is not None:
             lq, sigma = to_training_frame(lq, sigma, name)
         caption = self.caption(lq.shape[0], prompt, caption_embeds)
-        result = decode(self.backend, lq, caption, sigma, seed=seed, steps=steps, batch_size=batch_size, size=size)
+        result = decode(self.backend, lq, caption, sigma, seed=seed, steps=steps, batch_size=batch_size, size=size,
+                        tile=tile, max_memory=max_memory, on_plan=lambda plan: self.notify(plan.describe()))
         self.last_timings = result.timings
         return postprocess(result.images, output_type)
 

@@ -48,8 +48,8 @@ class MemoryModel:
     base_bytes: int  # the process / context before the model loads (Python, torch, the library)
 
 
-ORT_CPU = MemoryModel(k_linear=1.9, k_attention=0.35, base_bytes=300 * 1024 ** 2)
-ORT_CUDA = MemoryModel(k_linear=1.9, k_attention=0.35, base_bytes=400 * 1024 ** 2)  # derived: as the CPU graph
+ORT_CPU = MemoryModel(k_linear=1.9, k_attention=0.55, base_bytes=300 * 1024 ** 2)
+ORT_CUDA = MemoryModel(k_linear=1.9, k_attention=0.55, base_bytes=400 * 1024 ** 2)  # derived: as the CPU graph
 TENSORRT = MemoryModel(k_linear=1.0, k_attention=0.0, base_bytes=400 * 1024 ** 2)  # derived: fused attention
 
 
@@ -67,8 +67,8 @@ class MemoryEstimate:
         return self.network + self.canvas + self.model + self.base
 
     def describe(self) -> str:
-        return (f"{gib(self.total)} (network {gib(self.network)}, canvas {gib(self.canvas)}, "
-                f"model {gib(self.model)})")
+        return (f"network {gib(self.network)}, canvas {gib(self.canvas)}, model {gib(self.model)}, "
+                f"runtime {gib(self.base)}")
 
 
 def gib(count: float) -> str:

@@ -265,8 +265,11 @@ class Budget:
         return estimate.total if self.whole_process else estimate.network + estimate.canvas
 
     def refusal(self, estimate: MemoryEstimate, what: str, hint: str) -> str:
-        return (f"{what} needs about {gib(self.need(estimate))} ({estimate.describe()}) but "
-                f"{gib(self.limit)} is {'allowed by' if self.whole_process else ''} {self.source}; {hint}")
+        parts = estimate.describe() if self.whole_process else \
+            f"network {gib(estimate.network)}, canvas {gib(estimate.canvas)}"
+        limit = f"{gib(self.limit)} is allowed by --max-memory" if self.whole_process else \
+            f"{gib(self.limit)} is {self.source}"
+        return f"{what} needs about {gib(self.need(estimate))} ({parts}; estimate) but {limit}; {hint}"
 
 
 def decode_budget(device: torch.device, max_memory_gib: float | None) -> Budget:
