@@ -7,7 +7,7 @@ heads of the two attentions, H x W the canvas):
 
     network  = K_LIN * 4 * B * P * (16 * pd + (n + 12) * d / patch^2)
              + K_ATT * 4 * B * (heads * T^2 + pixel_heads * L^2)       (0 where attention is fused)
-    canvas   = 4 * B * 3 * H * W * (3 + tiled)   x, eps, the network output (+ the blend when tiled)
+    canvas   = 4 * B * 3 * H * W * (4 + tiled)   x, eps, the network output, the output's copy (+ the blend)
     model    = the weights file (ONNX Runtime reads it into memory; TensorRT: the engine's size)
     total    = BASE + model + network + canvas
 
@@ -18,11 +18,15 @@ compress_to_attn); `(n + 12) * d` floats per token are the n LQ injection featur
 attention output, the SwiGLU hidden of 8d/3 twice). The score term is what an
 unfused attention holds (scores and probabilities).
 
-Constants, ONNX Runtime CPU (fitted to peak RSS of 1-step decodes of the tiny golden
-export tiny_v1_16ch_sr4 at 256^2 .. 2048^2 on a 2-core machine; `ORT_CPU` below, the
-measurements are in benchmarks/README.md): K_LIN covers the copies ONNX Runtime makes
-(Transpose/Reshape outputs) and its arena's rounding; K_ATT < 1 because its CPU
-Attention kernel does not hold every head's scores at once. GPU constants are derived,
+Constants, ONNX Runtime CPU (`ORT_CPU` below): fitted to the peak RSS of decodes of the
+tiny golden export tiny_v1_16ch_sr4 at 256^2 .. 2048^2 on a 2-core machine (the
+measurements are in benchmarks/README.md). A least-squares fit to 1-step decodes gives
+K_LIN 1.76, K_ATT 0.49; ONNX Runtime's CPU arena grows over repeated runs (a 4-step
+decode peaks 1.45-1.55x higher than a 1-step one: 1006 vs 651 MiB at 640^2, 2333 vs
+1604 MiB at 1024^2), so the constants are that fit times ~1.8 (10% over the 4-step peaks), an upper bound for
+decodes of any step count and for tiled decodes (many runs). K_LIN covers the copies
+ONNX Runtime makes (Transpose/Reshape outputs) and the arena's rounding; K_ATT < 1
+because its CPU Attention kernel does not hold every head's scores at once. GPU constants are derived,
 not measured here (no GPU): TensorRT fuses attention (K_ATT = 0) and keeps bf16/fp16
 activations; benchmarks/tiling.py measures them on a GPU.
 """
@@ -48,8 +52,8 @@ class MemoryModel:
     base_bytes: int  # the process / context before the model loads (Python, torch, the library)
 
 
-ORT_CPU = MemoryModel(k_linear=1.9, k_attention=0.55, base_bytes=300 * 1024 ** 2)
-ORT_CUDA = MemoryModel(k_linear=1.9, k_attention=0.55, base_bytes=400 * 1024 ** 2)  # derived: as the CPU graph
+ORT_CPU = MemoryModel(k_linear=3.2, k_attention=0.95, base_bytes=300 * 1024 ** 2)
+ORT_CUDA = MemoryModel(k_linear=3.2, k_attention=0.95, base_bytes=400 * 1024 ** 2)  # derived: as the CPU graph
 TENSORRT = MemoryModel(k_linear=1.0, k_attention=0.0, base_bytes=400 * 1024 ** 2)  # derived: fused attention
 
 
@@ -104,7 +108,7 @@ def estimate_decode_memory(meta: ModelMetadata, backend_name: str, device_type: 
     model = memory_model(backend_name, device_type)
     call = call_size or canvas
     tiled = call_size is not None
-    canvas_bytes = 4 * batch * 3 * canvas[0] * canvas[1] * (3 + int(tiled))
+    canvas_bytes = 4 * batch * 3 * canvas[0] * canvas[1] * (4 + int(tiled))
     return MemoryEstimate(network_bytes(meta, batch, call[0], call[1], model), canvas_bytes, int(model_bytes),
                           model.base_bytes)
 

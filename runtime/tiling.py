@@ -79,10 +79,17 @@ class TilePlan:
         return [Tile(top, left, self.tile[0], self.tile[1], r, c)
                 for r, top in enumerate(self.tops) for c, left in enumerate(self.lefts)]
 
+    @property
+    def actual_overlap(self) -> int:
+        """The smallest overlap of neighbours (>= the one asked for: starts are spread evenly)."""
+        gaps = [side - (b - a) for starts, side in ((self.tops, self.tile[0]), (self.lefts, self.tile[1]))
+                for a, b in zip(starts, starts[1:])]
+        return min(gaps) if gaps else self.overlap
+
     def describe(self) -> str:
         (h, w), (th, tw) = self.canvas, self.tile
         return (f"tiling {h}x{w} as {len(self.tops)}x{len(self.lefts)} tiles of {th}x{tw}, "
-                f"overlap {self.overlap}")
+                f"overlap {self.actual_overlap}")
 
     def windows(self) -> tuple[list[Tensor], list[Tensor]]:
         """Per-axis blend weights (float32): one [tile height] vector per tile row, one [tile width] per column."""
