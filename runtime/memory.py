@@ -2,10 +2,10 @@
 
 Formula (bytes; B = items per network call, P = th * tw pixels of one call (the tile,
 or the whole canvas untiled), L = P / patch^2 image tokens, T = L + Lt with Lt the
-caption tokens, d = hidden size, pd = pixel dim, n = injection points, heads / pixel
+caption tokens, E = 4 bytes (2 for a bf16/fp16 TensorRT engine), d = hidden size, pd = pixel dim, n = injection points, heads / pixel
 heads of the two attentions, H x W the canvas):
 
-    network  = K_LIN * 4 * B * P * (16 * pd + (n + 12) * d / patch^2)
+    network  = K_LIN * E * B * P * (16 * pd + (n + 12) * d / patch^2)
              + K_ATT * 4 * B * (heads * T^2 + pixel_heads * L^2)       (0 where attention is fused)
     canvas   = 4 * B * 3 * H * W * (4 + tiled)   x, eps, the network output, the output's copy (+ the blend)
     model    = the weights file (ONNX Runtime reads it into memory; TensorRT: the engine's size)
@@ -50,11 +50,15 @@ class MemoryModel:
     k_linear: float
     k_attention: float
     base_bytes: int  # the process / context before the model loads (Python, torch, the library)
+    reduced_activations: bool = False  # activations in the graph's precision (bf16/fp16: 2 bytes)
+
+    def element_bytes(self, meta: ModelMetadata) -> int:
+        return 2 if self.reduced_activations and meta.precision != "fp32" else 4
 
 
 ORT_CPU = MemoryModel(k_linear=3.2, k_attention=0.95, base_bytes=300 * 1024 ** 2)
 ORT_CUDA = MemoryModel(k_linear=3.2, k_attention=0.95, base_bytes=400 * 1024 ** 2)  # derived: as the CPU graph
-TENSORRT = MemoryModel(k_linear=1.0, k_attention=0.0, base_bytes=400 * 1024 ** 2)  # derived: fused attention
+TENSORRT = MemoryModel(k_linear=1.0, k_attention=0.0, base_bytes=400 * 1024 ** 2, reduced_activations=True)  # derived: fused attention
 
 
 @dataclass(frozen=True)
@@ -96,7 +100,7 @@ def network_bytes(meta: ModelMetadata, batch: int, height: int, width: int, mode
     tokens = pixels // (patch * patch)
     text = int(meta.txt_max_length)
     per_pixel = 16 * pixel_dim + (injections + 12) * hidden / (patch * patch)
-    linear = model.k_linear * 4 * batch * pixels * per_pixel
+    linear = model.k_linear * model.element_bytes(meta) * batch * pixels * per_pixel
     scores = model.k_attention * 4 * batch * (heads * (tokens + text) ** 2 + pixel_heads * tokens ** 2)
     return int(linear + scores)
 

