@@ -55,7 +55,8 @@ def run_one(args: argparse.Namespace) -> None:
     tile = None if args.config == "off" else tuple(int(v) for v in args.config.split(","))
     size = (height, width) if (height, width) != (latents.shape[-2] * meta.pixel_scale,
                                                  latents.shape[-1] * meta.pixel_scale) else None
-    seconds, plans = [], []
+    seconds: list[float] = []
+    plans: list = []
     with MemoryGrowth(backend.device) as growth:
         for index in range(args.repeat + 1):
             start = time.perf_counter()

@@ -323,13 +323,14 @@ def choose_plan(backend: Backend, canvas: tuple[int, int], latents: Tensor, batc
     if _fits(canvas, size_range) and budget.need(whole) <= budget.limit:
         return None
     largest = [min(side, size_range[1][i]) if size_range else side for i, side in enumerate(canvas)]
-    smallest = [max(size_range[0][i], quantum) if size_range else quantum for i in range(2)]
-    scale, tiled = 1.0, None
+    smallest = [-(-max(size_range[0][i], quantum) // quantum) * quantum if size_range else quantum for i in range(2)]
+    scale = 1.0
     while True:  # shrink both sides until the estimate fits
-        size = tuple(max(int(side * scale) // quantum * quantum, low) for side, low in zip(largest, smallest))
-        tiled = estimate(size, 1)  # type: ignore[arg-type]
+        size = (max(int(largest[0] * scale) // quantum * quantum, smallest[0]),
+                max(int(largest[1] * scale) // quantum * quantum, smallest[1]))
+        tiled = estimate(size, 1)
         if budget.need(tiled) <= budget.limit:
-            return plan_tiles(canvas, size, default_overlap(size, quantum), quantum, size_range)  # type: ignore
+            return plan_tiles(canvas, size, default_overlap(size, quantum), quantum, size_range)
         if list(size) == smallest:
             raise TilingError(budget.refusal(tiled, f"decoding {canvas[0]}x{canvas[1]} even in tiles of "
                                              f"{size[0]}x{size[1]}", "free some memory or raise --max-memory"))
