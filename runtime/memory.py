@@ -83,10 +83,16 @@ def gib(count: float) -> str:
     return f"{count / GIB:.2f} GiB"
 
 
+# Any other backend (e.g. a benchmark's stand-in network): only the sampler's canvas buffers are known.
+UNMODELLED = MemoryModel(k_linear=0.0, k_attention=0.0, base_bytes=0)
+
+
 def memory_model(backend_name: str, device_type: str) -> MemoryModel:
     if backend_name == "tensorrt":
         return TENSORRT
-    return ORT_CUDA if device_type == "cuda" else ORT_CPU
+    if backend_name == "onnxruntime":
+        return ORT_CUDA if device_type == "cuda" else ORT_CPU
+    return UNMODELLED
 
 
 def network_bytes(meta: ModelMetadata, batch: int, height: int, width: int, model: MemoryModel) -> int:
