@@ -16,7 +16,8 @@ import click
 import torch
 
 from .backends import BackendError, load_model_metadata, open_backend, preflight
-from .decode import DecodeError, check_inputs, decode, format_timings, output_size, profile_batch_range
+from .decode import (DecodeError, canvas_size_range, check_inputs, decode, format_timings, output_size,
+                     profile_batch_range)
 from .io import InputError, check_output_path, load_caption, load_latents, load_noise, write_output
 from .latents import BACKBONE_NAMES, LatentError, pipeline_latents_for_cli
 from .metadata import EMPTY_CAPTION_NAME, MetadataError
@@ -25,6 +26,7 @@ from .preflight import (LatentPlan, check_caption_header, check_latents_header, 
                         check_pipeline_latents_header, check_seed, export_size_range)
 from .sampler import MAX_STEPS, timesteps
 from .signals import Signalled, signals_as_exception
+from .tiling import TileSetting, TilingError, parse_tile
 
 PROG = "pid-run"
 USER_ERRORS = (BackendError, DecodeError, InputError, MetadataError)
@@ -153,11 +155,18 @@ of unexpected errors.
 @click.option("--vae-bn-stats", metavar="FILE", default=None,
               help="With --pipeline flux2*: the FLUX.2 VAE's batch-norm statistics for raw 32-channel latents "
                    "(.safetensors with running_mean/running_var, e.g. the VAE's diffusion_pytorch_model.safetensors).")
+@click.option("--tile", "tile_text", default="auto", show_default=True, metavar="auto|off|HxW[:OVERLAP]",
+              help="Per-step tiling: the network runs on overlapping tiles at each step (sampler and noise stay "
+                   "whole). auto: only when the size exceeds what the model takes or the memory estimate exceeds "
+                   "the budget; off: never (a decode that would not fit is refused).")
+@click.option("--max-memory", type=click.FloatRange(min=0, min_open=True), default=None, metavar="GB",
+              help="Memory budget in GiB for the whole run (RAM on CPU, device memory on GPU). Default: what is free.")
 def run_command(model: str, latents: str, out: str | None, caption_embeds: str | None, prompts: tuple[str, ...],
                 caption_model: str | None, sigma: str, seed: int, size_text: str | None, steps: int, noise_file: str | None,
                 batch_size: int | None, bit_depth: str,
                 device: str, cuda_graph: bool, pipeline: str | None, ldm_size: str | None,
-                vae_bn_stats: str | None, trt: str | None) -> None:
+                vae_bn_stats: str | None, trt: str | None, tile_text: str = "auto",
+                max_memory: float | None = None) -> None:
     def say(message: str) -> None:
         click.echo(message)
 
@@ -168,13 +177,17 @@ def run_command(model: str, latents: str, out: str | None, caption_embeds: str |
     sigmas = parse_sigma(sigma)
     size = parse_size(size_text)
     check_seed(seed)
+    try:
+        tile = parse_tile(tile_text)
+    except TilingError as exc:
+        raise click.BadParameter(str(exc), param_hint="'--tile'") from None
     if pipeline is None and (ldm_size or vae_bn_stats):
         raise InputError("--ldm-size and --vae-bn-stats apply to pipeline latents: add --pipeline BACKBONE")
     out_path = check_output_path(out, int(bit_depth)) if out is not None else None
     model_file = preflight(model, trt, note=say, device=device)
     meta = load_model_metadata(model_file)
     if pipeline is None:
-        plan = check_latents_header(meta, model_file, latents, size)  # shape from the header: nothing read yet
+        plan = check_latents_header(meta, model_file, latents, size, tile)  # shape from the header: nothing read yet
         lq = None
     else:
         check_pipeline_latents_header(meta, latents)
@@ -192,16 +205,17 @@ def run_command(model: str, latents: str, out: str | None, caption_embeds: str |
     claim = (explicit_output(out_path, plan.batch) if out_path is not None
              else claim_default_output(Path(latents), plan.batch, int(bit_depth)))
     try:
-        run_decode(model, model_file, meta, latents, lq, claim, caption_embeds, prompts, sigmas, seed, size,
-                   steps, noise_file, batch_size, int(bit_depth), device, cuda_graph, trt, say)
+        run_decode(model, model_file, meta, latents, lq, claim, caption_embeds, prompts, caption_model, sigmas, seed,
+                   size, steps, noise_file, batch_size, int(bit_depth), device, cuda_graph, trt, tile, max_memory, say)
     finally:
         claim.release()  # a failed or interrupted run takes back the names it claimed (no-op after success)
 
 
 def run_decode(model: str, model_file: Path, meta, latents: str, lq: torch.Tensor | None, claim: OutputClaim,
-               caption_embeds: str | None, prompts: Sequence[str], sigmas: list[float], seed: int,
-               size: tuple[int, int] | None, steps: int, noise_file: str | None, batch_size: int | None,
-               bit_depth: int, device: str, cuda_graph: bool, trt: str | None, say) -> None:
+               caption_embeds: str | None, prompts: Sequence[str], caption_model: str | None, sigmas: list[float],
+               seed: int, size: tuple[int, int] | None, steps: int, noise_file: str | None, batch_size: int | None,
+               bit_depth: int, device: str, cuda_graph: bool, trt: str | None, tile: TileSetting,
+               max_memory: float | None, say) -> None:
     """Read the inputs, check them in full, then open the model, decode and write."""
     if lq is None:
         lq = load_latents(latents)
@@ -221,7 +235,7 @@ def run_decode(model: str, model_file: Path, meta, latents: str, lq: torch.Tenso
     # one-token stand-in of the right width takes its place here.
     stand_in = caption if caption is not None else torch.zeros(1, 1, meta.txt_embed_dim)
     check_inputs(meta, lq, stand_in, sigmas, steps, *(noise or (None, None)),
-                 size_range=export_size_range(meta, model_file), size=size)
+                 size_range=canvas_size_range(export_size_range(meta, model_file), tile), size=size)
 
     backend = open_backend(model_file, device=device, cuda_graph=cuda_graph, trt=trt, log=say)
     try:
@@ -244,9 +258,17 @@ def run_decode(model: str, model_file: Path, meta, latents: str, lq: torch.Tenso
         def on_step(chunk: int, step: int, t: float, seconds: float) -> None:
             prefix = f"chunk {chunk + 1} " if chunk_size < lq.shape[0] else ""
             say(f"  {prefix}step {step + 1}/{steps} (t={ts[step]:g}): {seconds * 1e3:.1f} ms")
+            steps_done[0] = (step + 1) % steps
+
+        steps_done = [0]  # steps finished in the current chunk (for the tile lines)
+
+        def on_tile(index: int, count: int) -> None:
+            if count > 1:
+                say(f"    step {steps_done[0] + 1}/{steps} tile {index + 1}/{count}")
 
         result = decode(backend, lq, caption, sigmas, seed=seed, steps=steps, noise=noise,
-                        batch_size=batch_size, on_step=on_step, size=size)
+                        batch_size=batch_size, on_step=on_step, size=size, tile=tile, max_memory=max_memory,
+                        on_tile=on_tile, on_plan=lambda plan: say(plan.describe()))
     finally:
         backend.close()
     say(format_timings(result.timings))

@@ -18,6 +18,7 @@ CPU, x lives in the result itself.
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -27,6 +28,7 @@ from torch import Tensor
 from .backends.base import Backend
 from .metadata import ModelMetadata
 from .sampler import MAX_STEPS, FixedNoise, Noise, NonFiniteError, SeededNoise, num_renoise, sample
+from .tiling import TiledVelocity, TilePlan, TileSetting, TilingError, choose_plan, decode_budget
 
 PATCH_SIZE = 16  # SPEC: every released network; a custom export's own value is in its metadata
 # Output sizes (px, either side) each release variant was trained for; mirrors the
@@ -360,11 +362,21 @@ class _TimedNoise(Noise):
         return _TimedNoise(self.inner.rows(lo, hi), self.timings)
 
 
+def canvas_size_range(size_range: SizeRange | None, tile: TileSetting) -> SizeRange | None:
+    """The range the whole canvas must fit: when it may be tiled, tiles (not the canvas) must fit the
+    model's range, so only the smallest size still applies."""
+    if size_range is None or tile is None or tile == "off":
+        return size_range
+    return (size_range[0], (1 << 30, 1 << 30))
+
+
 def decode(backend: Backend, latents: Tensor, caption: Tensor, sigma: float | Sequence[float] | Tensor = 0.0,
            seed: int | None = 0, steps: int = MAX_STEPS, noise: tuple[Tensor, Tensor] | None = None,
            batch_size: int | None = None,
            on_step: Callable[[int, int, float, float], None] | None = None,
-           size: tuple[int, int] | None = None, seeds: Sequence[int] | None = None) -> DecodeResult:
+           size: tuple[int, int] | None = None, seeds: Sequence[int] | None = None, tile: TileSetting = None,
+           max_memory: float | None = None, on_tile: Callable[[int, int], None] | None = None,
+           on_plan: Callable[[TilePlan], None] | None = None) -> DecodeResult:
     """Decode `latents` [B,C,h,w] to images float32 [B,3,H,W] in [-1,1] (on the CPU).
 
     `seeds` (one per item) gives each item its own noise, drawn as a decode of that item
@@ -376,12 +388,26 @@ def decode(backend: Backend, latents: Tensor, caption: Tensor, sigma: float | Se
     `noise` = (noise [B,3,H,W], eps [S-1,B,3,H,W]) replaces the seeded draw.
     `batch_size` decodes at most that many items at a time (an engine's profile caps it too).
     `on_step(chunk, step, t, seconds)` reports each network step as it finishes.
+    `tile`: "auto" | (h, w) | (h, w, overlap) | None / "off" (pid_runtime.tiling); `max_memory` GiB
+    (default: what is free); a decode whose estimate exceeds it is tiled (auto) or refused.
+    `on_plan(plan)` hears the tile plan when the decode tiles; `on_tile(index, count)` each tile.
     """
     fixed_noise, fixed_eps = noise if noise is not None else (None, None)
     size_range, range_source = supported_size_range(backend)
+    canvas_range = canvas_size_range(size_range, tile)
     inputs = check_inputs(backend.meta, latents, caption, sigma, steps, fixed_noise, fixed_eps,
-                          size_range, range_source, size)
-    bounds = chunk_bounds(inputs.batch, batch_size, backend.meta, profile_batch_range(backend))
+                          canvas_range, range_source, size)
+    try:
+        plan = choose_plan(backend, (inputs.height, inputs.width), inputs.latents,
+                           min(inputs.batch, batch_size or inputs.batch), tile, size_range,
+                           decode_budget(backend.device, max_memory), model_file_bytes(backend))
+    except TilingError as exc:
+        raise DecodeError(str(exc)) from None
+    if plan is not None and on_plan is not None:
+        on_plan(plan)
+    # A tiled decode goes item by item: each tile then holds one item's activations.
+    bounds = chunk_bounds(inputs.batch, 1 if plan is not None and fixed_batch(backend.meta) is None else batch_size,
+                          backend.meta, profile_batch_range(backend))
     device = backend.device
     timings = DecodeTimings()
     start = time.perf_counter()
@@ -408,8 +434,13 @@ def decode(backend: Backend, latents: Tensor, caption: Tensor, sigma: float | Se
 
     for chunk, (lo, hi) in enumerate(bounds):
         t0 = time.perf_counter()
-        backend.bind(inputs.caption[lo:hi].to(device), inputs.latents[lo:hi].to(device),
-                     inputs.sigma[lo:hi].to(device), inputs.height, inputs.width)
+        velocity = backend.velocity
+        if plan is None:
+            backend.bind(inputs.caption[lo:hi].to(device), inputs.latents[lo:hi].to(device),
+                         inputs.sigma[lo:hi].to(device), inputs.height, inputs.width)
+        else:  # each tile binds its own crop; the sampler and its noise stay whole-canvas
+            velocity = TiledVelocity(backend, plan, inputs.caption[lo:hi], inputs.latents[lo:hi],
+                                     inputs.sigma[lo:hi], on_tile)
         _sync(device)
         timings.bind.append(time.perf_counter() - t0)
         chunk_steps: list[float] = []
@@ -427,15 +458,15 @@ def decode(backend: Backend, latents: Tensor, caption: Tensor, sigma: float | Se
 
         result_rows = images[lo:hi]
         try:
-            own_loop = getattr(backend, "sample", None)
+            own_loop = getattr(backend, "sample", None) if plan is None else None
             if callable(own_loop):  # e.g. TensorRT: x in its bound buffer, optionally CUDA graphs
                 own_loop(source.rows(lo, hi), None, steps, on_step=record, out=result_rows)
             else:
-                x_buffer = backend.input_buffer()
+                x_buffer = backend.input_buffer() if plan is None else None
                 if x_buffer is None:  # on the CPU x lives in the result itself: no copy at the end
                     x_buffer = result_rows if device.type == "cpu" else torch.empty(
                         result_rows.shape, dtype=torch.float32, device=device)
-                sample(backend.velocity, source.rows(lo, hi), steps=steps, x_buffer=x_buffer,
+                sample(velocity, source.rows(lo, hi), steps=steps, x_buffer=x_buffer,
                        on_step=record, out=result_rows)
                 del x_buffer
         except NonFiniteError as exc:  # e.g. an fp16 engine overflowing
@@ -446,6 +477,15 @@ def decode(backend: Backend, latents: Tensor, caption: Tensor, sigma: float | Se
         timings.steps.append(chunk_steps)
     timings.total = time.perf_counter() - start
     return DecodeResult(images, timings, used_seed)
+
+
+def model_file_bytes(backend: Backend) -> int:
+    """Size of the model's weight files (ONNX and its external data), for a --max-memory budget."""
+    path = getattr(backend, "onnx_path", None)
+    if path is None:
+        return 0
+    files = [Path(path), Path(f"{path}.data")]
+    return sum(f.stat().st_size for f in files if f.is_file())
 
 
 def format_timings(timings: DecodeTimings) -> str:

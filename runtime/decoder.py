@@ -30,6 +30,7 @@ from .decode_args import check_decode_args
 from .io import pixel_rows
 from .latents import LatentError, backbone_of_release, check_backbone_fits, from_pipeline, to_training_frame
 from .sampler import MAX_STEPS
+from .tiling import TileSetting
 
 OUTPUT_TYPES = ("pil", "pt", "np")
 
@@ -119,13 +120,15 @@ class PidDecoder:
                seed: int | None = 0, backbone: str | None = None, height: int | None = None,
                width: int | None = None, bn_stats: Any = None, steps: int = MAX_STEPS,
                batch_size: int | None = None, output_type: str = "pil", size: tuple[int, int] | None = None,
-               seeds: Sequence[int] | None = None) -> Any:
+               seeds: Sequence[int] | None = None, tile: TileSetting = "auto", max_memory: float | None = None) -> Any:
         """Decode a pipeline's latents (as `output_type="latent"` returns them) to images.
 
         `height`, `width`: the pipeline's image size (needed for packed latents).
         `sigma`: the scheduler's sigma of the latent (0 for the final one; per item allowed).
         `bn_stats`: for Flux2-Klein's raw latent, `pipe.vae` or a BatchNormStats.
         `size`: output (height, width) in pixels, as `pid-run --size` (default: the latent's native size).
+        `tile`: "auto" | (h, w) | (h, w, overlap) | None, and `max_memory` (GiB), as `pid-run --tile`,
+        `--max-memory` (pid_runtime.tiling).
         No prompt and no caption_embeds: the export's unconditional (empty) caption.
         `seeds`: one seed per item, each item's noise its own (as if decoded alone with that seed),
         so an item's image does not depend on its batch-mates; else `seed` is the whole batch's.
@@ -143,7 +146,7 @@ class PidDecoder:
             self.notify(f"note: the caption has {caption.shape[-2]} tokens; this model reads the first "
                         f"{self.meta.txt_max_length}, the last {caption.shape[-2] - self.meta.txt_max_length} are cut")
         result = decode(self.backend, lq, caption, sigma, seed=seed, steps=steps, batch_size=batch_size, size=size,
-                        seeds=seeds)
+                        seeds=seeds, tile=tile, max_memory=max_memory, on_plan=lambda plan: self.notify(plan.describe()))
         self.last_timings = result.timings
         return postprocess(result.images, output_type)
 

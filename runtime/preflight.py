@@ -15,7 +15,8 @@ from typing import Callable
 
 import numpy as np
 
-from .decode import DecodeError, check_graph_limits, check_output_size
+from .decode import DecodeError, canvas_size_range, check_graph_limits, check_output_size
+from .tiling import TileSetting
 from .headers import ArrayHeader, check_float, pick_header, read_headers
 from .io import CAPTION_KEYS, EPS_KEYS, LATENT_KEYS, NOISE_KEYS, InputError
 from .metadata import ModelMetadata
@@ -65,7 +66,7 @@ def latent_shape(header: ArrayHeader, path: str | os.PathLike[str]) -> tuple[int
 
 
 def check_latents_header(meta: ModelMetadata, model_file: Path, path: str | os.PathLike[str],
-                         size: tuple[int, int] | None) -> LatentPlan:
+                         size: tuple[int, int] | None, tile: TileSetting = None) -> LatentPlan:
     """The latents' shape (from the header) against the model, the graph's limits and the requested size."""
     header = pick_header(read_headers(path, "latents"), LATENT_KEYS, path, "latents")
     check_float(header, path, "latents")
@@ -76,7 +77,8 @@ def check_latents_header(meta: ModelMetadata, model_file: Path, path: str | os.P
                          "latents (was the latent made by a different LDM?)")
     height, width = (lat_h * meta.pixel_scale, lat_w * meta.pixel_scale) if size is None else size
     check_graph_limits(meta, (lat_h, lat_w), height, width)
-    check_output_size(meta, height, width, (lat_h, lat_w), export_size_range(meta, model_file), "export",
+    check_output_size(meta, height, width, (lat_h, lat_w), canvas_size_range(export_size_range(meta, model_file), tile),
+                      "export",
                       requested=size is not None)
     return LatentPlan(batch, (lat_h, lat_w), height, width)
 
