@@ -418,7 +418,8 @@ def build_engine(onnx_path: Path | str, out_dir: Path | str, profiles: EnginePro
         trt = lib.module
 
     errors: list[str] = []
-    logger = recording_logger(lib, errors, echo=log)
+    # Once SIGINT/SIGTERM arrived, the library's "build canceled" messages are not news.
+    logger = recording_logger(lib, errors, echo=lambda message: None if requested() else log(message))
     with native_calls():  # SIGINT/SIGTERM: recorded in the callbacks, raised when the library returns
         return _build(trt, lib, target, onnx_path, out_dir, profiles, errors, logger, workspace_gb, opt_level,
                       strip_weights, timing_cache, log)
