@@ -12,7 +12,7 @@ import click
 from . import interrupts
 from .config import ConfigError, PidConfig
 from .interrupts import Interrupted
-from .pipeline import EngineOptions, ExportRequest, PipelineError, run_export
+from .pipeline import EngineOptions, ExportRequest, PipelineError, WriteFailure, run_export
 from .releases import VARIANTS, UnknownReleaseError, backbone_names, get_release, released_pairs_text
 from .staging import StagingError, check_output_dir
 
@@ -27,6 +27,12 @@ class UsageProblem(click.ClickException):
 
     def show(self, file=None) -> None:
         click.echo(f"pid-export: error: {self.message}", err=True)
+
+
+class RunFailed(UsageProblem):
+    """The run failed although its input was fine (e.g. a full disk); one line, exit code 1."""
+
+    exit_code = 1
 
 
 def _say(msg: str) -> None:
@@ -191,6 +197,8 @@ def cli(backbone, variant, checkpoint, network_config, precision, fp8_base, cali
 
         try:
             run_demo(out_dir=out_dir, log=_say, library=trt)
+        except WriteFailure as exc:
+            raise RunFailed(str(exc)) from None
         except (PipelineError, StagingError) as exc:
             raise UsageProblem(str(exc)) from None
         return
@@ -235,6 +243,8 @@ def cli(backbone, variant, checkpoint, network_config, precision, fp8_base, cali
         fp8=fp8)
     try:
         export_dir = run_export(request, _say)
+    except WriteFailure as exc:
+        raise RunFailed(str(exc)) from None
     except PipelineError as exc:
         raise UsageProblem(str(exc)) from None
     _say(f"export ready: {export_dir}")

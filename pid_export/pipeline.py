@@ -35,6 +35,10 @@ class PipelineError(RuntimeError):
     """A step failed for a reason the user can act on (one line)."""
 
 
+class WriteFailure(PipelineError):
+    """The export could not be written (full disk, I/O error): a failure of the run, not of its input."""
+
+
 class Stages:
     """Numbered progress around long steps: `[n] title ...`, then `    done in X s`."""
 
@@ -417,4 +421,4 @@ def one_line_write_errors(out_dir: Path) -> Iterator[None]:
     except StagingError as exc:
         raise PipelineError(str(exc)) from None
     except OSError as exc:
-        raise PipelineError(f"cannot write the export to {out_dir}: {exc.strerror or exc}{kept}") from None
+        raise WriteFailure(f"cannot write the export to {out_dir}: {exc.strerror or exc}{kept}") from None
