@@ -149,7 +149,7 @@ def export_network(loaded: LoadedNetwork, out_dir: Path, precision: str, release
     except ExportError as exc:
         raise PipelineError(str(exc)) from None
     except OSError as exc:
-        raise PipelineError(f"cannot write the export to {shown_as or out_dir}: {exc.strerror or exc}") from None
+        raise WriteFailure(f"cannot write the export to {shown_as or out_dir}: {exc.strerror or exc}") from None
     stages.detail(f"{result.size_bytes / 1e9:.2f} GB; ops: {result.lint.histogram()}")
     for problem in result.lint.problems:
         stages.detail(f"TensorRT lint (allowed by --allow-lint-problems): {problem}")
