@@ -9,9 +9,12 @@ from pathlib import Path
 
 import click
 
+from . import interrupts
 from .config import ConfigError, PidConfig
-from .pipeline import EngineOptions, ExportRequest, PipelineError, run_export
+from .interrupts import Interrupted
+from .pipeline import EngineOptions, ExportRequest, PipelineError, WriteFailure, run_export
 from .releases import VARIANTS, UnknownReleaseError, backbone_names, get_release, released_pairs_text
+from .staging import StagingError, check_output_dir
 
 DEFAULT_OUT_ROOT = Path("engines")
 DEFAULT_PRECISION = "bf16"
@@ -24,6 +27,12 @@ class UsageProblem(click.ClickException):
 
     def show(self, file=None) -> None:
         click.echo(f"pid-export: error: {self.message}", err=True)
+
+
+class RunFailed(UsageProblem):
+    """The run failed although its input was fine (e.g. a full disk); one line, exit code 1."""
+
+    exit_code = 1
 
 
 def _say(msg: str) -> None:
@@ -40,6 +49,10 @@ def _check_writable(out_dir: Path) -> None:
         raise UsageProblem(f"cannot write the export to {out_dir}: {probe} is not a writable directory")
     if out_dir.exists() and not out_dir.is_dir():
         raise UsageProblem(f"cannot write the export to {out_dir}: it exists and is not a directory")
+    try:
+        check_output_dir(out_dir)  # only an export of this tool is ever replaced
+    except StagingError as exc:
+        raise UsageProblem(str(exc)) from None
 
 
 def _load_network_config(path: Path) -> PidConfig:
@@ -184,7 +197,9 @@ def cli(backbone, variant, checkpoint, network_config, precision, fp8_base, cali
 
         try:
             run_demo(out_dir=out_dir, log=_say, library=trt)
-        except PipelineError as exc:
+        except WriteFailure as exc:
+            raise RunFailed(str(exc)) from None
+        except (PipelineError, StagingError) as exc:
             raise UsageProblem(str(exc)) from None
         return
 
@@ -212,6 +227,10 @@ def cli(backbone, variant, checkpoint, network_config, precision, fp8_base, cali
     static_shape = None
     if static_hw is not None:
         height, width = _hw_option(static_hw)
+        scale = network.pixel_scale
+        if height < scale or width < scale or height % scale or width % scale:
+            raise UsageProblem(f"--static {static_hw}: height and width must be positive multiples of this "
+                               f"network's pixel scale {scale}")
         static_shape = (1, height, width)
     engine = _engine_options(min_hw, opt_hw, max_hw, max_batch, profiles, trt, compute_capability, workspace_gb,
                              strip_weights, verify)
@@ -232,6 +251,8 @@ def cli(backbone, variant, checkpoint, network_config, precision, fp8_base, cali
         fp8=fp8)
     try:
         export_dir = run_export(request, _say)
+    except WriteFailure as exc:
+        raise RunFailed(str(exc)) from None
     except PipelineError as exc:
         raise UsageProblem(str(exc)) from None
     _say(f"export ready: {export_dir}")
@@ -274,11 +295,24 @@ def _fp8_options(precision, base, calibration_dir, min_psnr, max_ratio, accept_l
 
 
 def main(argv: list[str] | None = None) -> None:
+    """The entry point: every way of ending is one line and an exit code (0 done, 1 failed,
+    2 bad usage, 130 SIGINT, 143 SIGTERM); click's own usage blocks and "Aborted!" are not used."""
+    interrupts.install()
     try:
-        cli.main(args=argv, prog_name="pid-export", standalone_mode=True)
-    except KeyboardInterrupt:
-        click.echo("pid-export: interrupted", err=True)
+        code = cli.main(args=argv, prog_name="pid-export", standalone_mode=False)
+    except Interrupted as exc:
+        click.echo(f"pid-export: interrupted by {exc.name}{'; ' + exc.outcome if exc.outcome else ''}", err=True)
+        sys.exit(exc.exit_code)
+    except click.Abort:  # a KeyboardInterrupt our handler did not raise (e.g. from a prompt)
+        click.echo("pid-export: interrupted by SIGINT", err=True)
         sys.exit(130)
+    except click.UsageError as exc:  # click's own (unknown option, bad value): one line, not 4
+        click.echo(f"pid-export: error: {exc.format_message()} (see pid-export --help)", err=True)
+        sys.exit(exc.exit_code)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

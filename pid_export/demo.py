@@ -26,6 +26,7 @@ import torch
 
 from .config import PidConfig
 from .releases import WEIGHTS_LICENCE_NOTE, get_release
+from .staging import check_output_dir
 
 DEFAULT_BACKBONE, DEFAULT_VARIANT = "sd3", "2kto4k"
 DEMO_LATENTS_NAME = "demo_latents.npy"  # the sample latent, beside demo.png (pid-run writes demo_latents.png)
@@ -87,10 +88,11 @@ def run_demo(out_dir: Path | None, log: Callable[[str], None] = print, size: tup
         log(WEIGHTS_LICENCE_NOTE)
         return export_dir
 
+    out_dir = out_dir or Path("engines") / "demo-builtin-fp32"
+    check_output_dir(out_dir)  # a foreign directory is refused before any work
     log(f"demo: the released checkpoint is not in the local Hugging Face cache ({_hub_note()}), so this "
         "uses a SMALL BUILT-IN MODEL of the real PiD architecture with random weights: the image shows the "
         "pipeline works, not PiD's quality. Use --backbone/--variant (or --checkpoint) for a real release.")
-    out_dir = out_dir or Path("engines") / "demo-builtin-fp32"
     export_dir = _run_builtin(out_dir, log, size, seed, library)
     log(f"export ready: {out_dir}")
     latents = out_dir / DEMO_LATENTS_NAME
@@ -122,7 +124,9 @@ def _run_builtin(out_dir: Path, log: Callable[[str], None], size: tuple[int, int
     from pid_runtime.metadata import EMPTY_CAPTION_NAME
 
     from .network import PidNet
-    from .pipeline import EngineOptions, LoadedNetwork, Stages, build_and_verify, engine_status, export_network
+    from .pipeline import (EngineOptions, LoadedNetwork, Stages, one_line_write_errors, build_and_verify, engine_status,
+                           export_network)
+    from .staging import ExportTransaction
     from .synthetic import synthetic_state_dict
 
     cfg = DEMO_NETWORK
@@ -133,38 +137,43 @@ def _run_builtin(out_dir: Path, log: Callable[[str], None], size: tuple[int, int
     count = sum(p.numel() for p in net.parameters())
     log(f"the built-in model: {count / 1e6:.1f} M parameters, exported with dynamic shapes")
     stages = Stages(log)
-    result = export_network(LoadedNetwork(net.eval(), None, None), out_dir, "fp32", DemoRelease(), stages=stages)
-    usable, library_line = engine_status(library)
-    if not usable:
-        log(f"engine step skipped: {library_line}")
-    else:
-        log(f"a TensorRT library is installed, {library_line}: building the built-in model's engine")
-        verify = _engine_runs_here(library)  # the network is still float32: it is the reference
-        build_and_verify(result.out_dir, DemoRelease(), "fp32", EngineOptions(library=library, verify=verify),
-                         reference=LoadedNetwork(net, None, None) if verify else None, stages=stages)
+    # One transaction like pid-export's: everything (ONNX, engine, latent, caption, demo.png) is written
+    # into a staging directory that replaces out_dir in one rename at the end (staging.py).
+    with one_line_write_errors(out_dir), ExportTransaction(out_dir, log) as transaction:
+        stage = transaction.stage
+        export_network(LoadedNetwork(net.eval(), None, None), stage, "fp32", DemoRelease(), stages=stages,
+                       in_place=True, shown_as=out_dir)
+        usable, library_line = engine_status(library)
+        if not usable:
+            log(f"engine step skipped: {library_line}")
+        else:
+            log(f"a TensorRT library is installed, {library_line}: building the built-in model's engine")
+            verify = _engine_runs_here(library)  # the network is still float32: it is the reference
+            build_and_verify(stage, DemoRelease(), "fp32", EngineOptions(library=library, verify=verify),
+                             reference=LoadedNetwork(net, None, None) if verify else None, stages=stages)
 
-    height, width = size
-    scale = cfg.pixel_scale
-    gen = torch.Generator().manual_seed(seed)
-    latents = torch.randn(1, cfg.lq_latent_channels, height // scale, width // scale, generator=gen)
-    caption = torch.randn(1, cfg.txt_max_length, cfg.txt_embed_dim, generator=gen)
-    # Saved first, as pid-run reads them: the latent, and the caption as the export's unconditional one.
-    save_latents(latents, result.out_dir / DEMO_LATENTS_NAME)
-    write_embeddings(caption, result.out_dir / EMPTY_CAPTION_NAME)
-    with stages(f"decoding a {list(latents.shape)} latent to {height}x{width} with a random caption "
-                f"(4 steps, seed {seed})"):
-        stages.detail(f"saved both for pid-run: {DEMO_LATENTS_NAME}, and the caption as {EMPTY_CAPTION_NAME} "
-                      "(the export's unconditional caption; the built-in model has no caption encoder)")
-        backend = open_backend(result.out_dir, log=stages.detail)  # its engine where that can run, else the ONNX
-        stages.detail(f"with {backend.name} on {backend.device}")
-        try:
-            decoded = decode(backend, latents, caption, sigma=0.0, seed=seed, steps=4)
-        finally:
-            backend.close()
-        image_path = result.out_dir / DEMO_IMAGE_NAME
-        write_output(decoded.images, image_path)
-        stages.detail(f"{image_path} (decode {decoded.timings.total:.1f} s)")
-    return result.out_dir
+        height, width = size
+        scale = cfg.pixel_scale
+        gen = torch.Generator().manual_seed(seed)
+        latents = torch.randn(1, cfg.lq_latent_channels, height // scale, width // scale, generator=gen)
+        caption = torch.randn(1, cfg.txt_max_length, cfg.txt_embed_dim, generator=gen)
+        # Saved first, as pid-run reads them: the latent, and the caption as the export's unconditional one.
+        save_latents(latents, stage / DEMO_LATENTS_NAME)
+        write_embeddings(caption, stage / EMPTY_CAPTION_NAME)
+        with stages(f"decoding a {list(latents.shape)} latent to {height}x{width} with a random caption "
+                    f"(4 steps, seed {seed})"):
+            stages.detail(f"saved both for pid-run: {DEMO_LATENTS_NAME}, and the caption as {EMPTY_CAPTION_NAME} "
+                          "(the export's unconditional caption; the built-in model has no caption encoder)")
+            backend = open_backend(stage, log=stages.detail)  # its engine where that can run, else the ONNX
+            stages.detail(f"with {backend.name} on {backend.device}")
+            try:
+                decoded = decode(backend, latents, caption, sigma=0.0, seed=seed, steps=4)
+            finally:
+                backend.close()
+            write_output(decoded.images, stage / DEMO_IMAGE_NAME)
+            stages.detail(f"{out_dir / DEMO_IMAGE_NAME} (decode {decoded.timings.total:.1f} s)")
+        transaction.commit()
+    return out_dir
 
 
 def save_latents(latents: torch.Tensor, path: Path) -> Path:

@@ -61,6 +61,7 @@ from .engine_profiles import (  # re-exported: pid_export.engine is where caller
     parse_profiles,
     profile_shapes,
 )
+from .interrupts import native_calls, raise_if_requested, requested, stage_boundary
 
 if TYPE_CHECKING:
     import tensorrt as trt
@@ -247,7 +248,16 @@ def build_engine(onnx_path: Path | str, out_dir: Path | str, profiles: EnginePro
         trt = lib.module
 
     errors: list[str] = []
-    logger = recording_logger(lib, errors, echo=log)
+    # Once SIGINT/SIGTERM arrived, the library's "build canceled" messages are not news.
+    logger = recording_logger(lib, errors, echo=lambda message: None if requested() else log(message))
+    with native_calls():  # SIGINT/SIGTERM: recorded in the callbacks, raised when the library returns
+        return _build(trt, lib, target, onnx_path, out_dir, profiles, errors, logger, workspace_gb, opt_level,
+                      strip_weights, timing_cache, log)
+
+
+def _build(trt: Any, lib: TensorRTLibrary, target: BuildTarget, onnx_path: Path, out_dir: Path,
+           profiles: list[EngineProfile], errors: list[str], logger: Any, workspace_gb: float | None,
+           opt_level: int, strip_weights: bool, timing_cache: Path | str | None, log: Log) -> Path:
     builder = trt.Builder(logger)
     network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
                                      if lib.needs_strongly_typed_flag else 0)
@@ -262,6 +272,7 @@ def build_engine(onnx_path: Path | str, out_dir: Path | str, profiles: EnginePro
     log(f"parsed in {time.perf_counter() - start:.1f} s: {network.num_layers} layers, {attention} attention "
         f"({decomposable} float32 ones decomposable: no fused float32 kernel exists)" if decomposable else
         f"parsed in {time.perf_counter() - start:.1f} s: {network.num_layers} layers, {attention} fused attention")
+    raise_if_requested()
     io = _network_io(network)
     profiles = [_fixed_text_length(profile, io) for profile in profiles]
     _check_profiles_fit(profiles, io)
@@ -304,10 +315,14 @@ def build_engine(onnx_path: Path | str, out_dir: Path | str, profiles: EnginePro
         f"({target.source}); profile(s) {sizes}, batch {profiles[0].min_batch}..{profiles[0].max_batch}; "
         f"this takes minutes")
     start = time.perf_counter()
+    monitor = build_progress(trt, log)  # kept referenced for the whole build
+    if monitor is not None:
+        config.progress_monitor = monitor
     # The stubs say IHostMemory, but a failed build returns None (the reason is in the log).
     plan: trt.IHostMemory | None = builder.build_serialized_network(network, config)
     seconds = time.perf_counter() - start
     if plan is None:
+        raise_if_requested()  # cancelled by SIGINT/SIGTERM, not a build failure
         raise EngineError(f"{lib.label} could not build the engine: {last_errors(errors)}")
     log(f"built in {seconds:.0f} s ({plan.nbytes / 2**20:.1f} MiB)")
 
@@ -318,10 +333,45 @@ def build_engine(onnx_path: Path | str, out_dir: Path | str, profiles: EnginePro
                             workspace_gb=workspace_gb, attention=(attention, decomposable), seconds=seconds)
     sidecar = engine_metadata_path(plan_path)
     sidecar.unlink(missing_ok=True)  # never leave an old sidecar describing a new plan
+    stage_boundary("plan-write", log)
+    raise_if_requested()
     write_atomic(plan_path, bytes(plan))
     del plan
     meta.save(sidecar)
     return plan_path
+
+
+def build_progress(trt: Any, log: Log) -> Any:
+    """An IProgressMonitor for the build: a few lines (the builder's main phases, with the time
+    since the build began) and cancellation: a step returns False once SIGINT/SIGTERM arrived,
+    which makes build_serialized_network stop and return None. None if the library has none."""
+    base = getattr(trt, "IProgressMonitor", None)
+    if base is None:
+        return None
+
+    class BuildProgress(base):  # type: ignore[misc, valid-type]
+        def __init__(self) -> None:
+            super().__init__()
+            self.start = time.perf_counter()
+            self.depth: dict[str, int] = {}
+
+        def phase_start(self, phase_name: str, parent_phase: str | None, num_steps: int) -> None:
+            depth = 0 if parent_phase is None else self.depth.get(parent_phase, 0) + 1
+            self.depth[phase_name] = depth
+            if depth == 0:
+                stage_boundary("engine-build", log)
+            # Depth 1-2 are the few phases that take the time (graph optimisation, tactic costs);
+            # deeper ones repeat per node.
+            if 1 <= depth <= 2 and requested() is None:
+                log(f"  build: {phase_name.lower()} (at {time.perf_counter() - self.start:.1f} s)")
+
+        def step_complete(self, phase_name: str, step: int) -> bool:
+            return requested() is None
+
+        def phase_finish(self, phase_name: str) -> None:
+            pass
+
+    return BuildProgress()
 
 
 def mark_fp32_attention_decomposable(lib: TensorRTLibrary, network: "trt.INetworkDefinition") -> tuple[int, int]:

@@ -13,7 +13,6 @@ only after the guard passed (or `accept_accuracy_loss`): a failed guard leaves n
 from __future__ import annotations
 
 import dataclasses
-import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -103,8 +102,9 @@ def _static(net: Any, items: list[cal.CalibrationItem], static_shape: tuple[int,
 def export_fp8(loaded: Any, out_dir: Path, release: Any, options: Fp8Options, *,
                static_shape: tuple[int, int, int] | None = None, allow_lint_problems: bool = False,
                stages: Any = None):
-    """The FP8 export directory of `loaded.net` (float32; cast in place to the base precision)."""
-    from .onnx_export import ExportError, ExportResult, _replace_dir, export_onnx
+    """The FP8 export of `loaded.net` (float32; cast in place to the base precision) written into
+    `out_dir`, an empty directory: pid-export's staging directory (pipeline.run_export)."""
+    from .onnx_export import ExportError, ExportResult, export_onnx
     from .onnx_lint import lint_model
     from .pipeline import PipelineError, Stages
 
@@ -128,8 +128,7 @@ def export_fp8(loaded: Any, out_dir: Path, release: Any, options: Fp8Options, *,
     except cal.CalibrationError as exc:
         raise PipelineError(str(exc)) from None
 
-    stage = out_dir.parent / f".{out_dir.name}.fp8-{os.getpid()}"
-    shutil.rmtree(stage, ignore_errors=True)
+    stage = out_dir / ".fp8-work"  # scratch inside the caller's staging directory
     stage.mkdir(parents=True)
     try:
         base_dir, fp8_dir = stage / "base", stage / "fp8"
@@ -179,7 +178,8 @@ def export_fp8(loaded: Any, out_dir: Path, release: Any, options: Fp8Options, *,
         meta = dataclasses.replace(base.metadata, precision="fp8", quantization=summary.to_dict(),
                                    accuracy_guard=report.to_dict())
         meta.save(fp8_dir / MODEL_METADATA)
-        _replace_dir(fp8_dir, out_dir)
+        for path in fp8_dir.iterdir():
+            path.rename(out_dir / path.name)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
     return ExportResult(out_dir, out_dir / ONNX_NAME, meta, lint, time.perf_counter() - start)

@@ -12,8 +12,6 @@ and renamed into place only when complete, so a failed run leaves nothing.
 
 from __future__ import annotations
 
-import os
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,9 +22,11 @@ import torch
 
 from pid_runtime.metadata import INPUT_NAMES, MODEL_METADATA, ONNX_NAME, OUTPUT_NAMES, GraphLimits, ModelMetadata
 
+from .interrupts import stage_boundary
 from .network import PidNet
 from .onnx_lint import LintReport, lint_model
 from .precision import apply_precision
+from .staging import ExportTransaction
 
 OPSET = 23
 TRACE_BATCH = 2  # batch 1 (like any size-1 dim) would be specialised by torch.export
@@ -139,7 +139,8 @@ def _quiet_export(net: PidNet, args: tuple, path: Path, shapes, opset: int):
 def export_onnx(net: PidNet, out_dir: str | Path, precision: str = "fp32", *, release: Any = None,
                 checkpoint_sha256: str | None = None, static_shape: tuple[int, int, int] | None = None,
                 opset: int = OPSET, progress: Progress | None = None,
-                require_lint_clean: bool = False, float32_residuals: bool | None = None) -> ExportResult:
+                require_lint_clean: bool = False, float32_residuals: bool | None = None,
+                in_place: bool = False) -> ExportResult:
     """Export `net` (cast in place to `precision`) into `out_dir`.
 
     static_shape=(batch, H, W) exports fixed shapes (faster to export; for
@@ -147,6 +148,9 @@ def export_onnx(net: PidNet, out_dir: str | Path, precision: str = "fp32", *, re
     `release` (a registry entry, optional) supplies the name and trained sizes.
     `require_lint_clean` fails the export (nothing written) on TensorRT lint problems.
     `float32_residuals` overrides the precision policy's residual-stream dtype (precision.py).
+    The export is staged beside `out_dir` and renamed into place when complete (staging.py:
+    an existing `out_dir` must be an export of this tool); `in_place` writes straight into
+    `out_dir`, an empty directory the caller stages itself (pid-export's whole-run stage).
     """
     say = progress or (lambda msg: None)
     out_dir = Path(out_dir)
@@ -157,8 +161,8 @@ def export_onnx(net: PidNet, out_dir: str | Path, precision: str = "fp32", *, re
     if static_shape is not None:
         batch, height, width = static_shape
         scale = cfg.pixel_scale
-        if height % scale or width % scale:
-            raise ExportError(f"static size {height}x{width} is not a multiple of the pixel scale {scale}")
+        if height < scale or width < scale or height % scale or width % scale:
+            raise ExportError(f"static size {height}x{width} is not a positive multiple of the pixel scale {scale}")
         # Fixed caption length = the network's maximum: what caption files, the unconditional
         # caption and pid-run's encoder give (the caption encoder pads to it).
         args = trace_inputs(net, batch=batch, latent_hw=(height // scale, width // scale), size=(height, width),
@@ -167,43 +171,53 @@ def export_onnx(net: PidNet, out_dir: str | Path, precision: str = "fp32", *, re
     else:
         args, shapes = trace_inputs(net), dynamic_shapes(net)
 
-    stage = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}"
-    shutil.rmtree(stage, ignore_errors=True)
-    stage.mkdir(parents=True)
-    try:
-        t0 = time.perf_counter()
-        say(f"tracing the network ({precision}, opset {opset}, "
-            f"{'static ' + 'x'.join(map(str, static_shape)) if static_shape else 'dynamic shapes'})")
-        with torch.no_grad():
-            program = _quiet_export(net, args, stage / ONNX_NAME, shapes, opset)
-        say(f"traced in {time.perf_counter() - t0:.0f} s; folding constants")
-        import onnxscript.optimizer
-
-        # Constant folding and dead-code removal only: no fusions, so the graph keeps
-        # opsets TensorRT 10.14 imports (the default rewriter would emit RMSNormalization).
-        onnxscript.optimizer.optimize(program.model)
-        onnx_path = stage / ONNX_NAME
-        t0 = time.perf_counter()
-        program.save(str(onnx_path), external_data=True)
-        del program
-        say(f"wrote {ONNX_NAME} ({_dir_size(stage) / 1e6:.1f} MB) in {time.perf_counter() - t0:.0f} s; checking")
-        onnx.checker.check_model(str(onnx_path), full_check=False)
-        onnx.shape_inference.infer_shapes_path(str(onnx_path), str(onnx_path))
-        graph = onnx.load(str(onnx_path), load_external_data=False)
-        lint = lint_model(graph, expected_attention=cfg.patch_depth + cfg.pixel_depth)
-        if require_lint_clean and not lint.ok:
-            raise ExportError(f"the exported graph is not TensorRT-ready: {'; '.join(lint.problems)} "
-                              "(--allow-lint-problems exports it anyway)")
-        inputs, outputs = _io_description(graph)
-        del graph
-
-        metadata = _metadata(net, release, precision, opset, checkpoint_sha256, static_shape, inputs, outputs)
-        metadata.save(stage / MODEL_METADATA)
-        _replace_dir(stage, out_dir)
-    except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
-        raise
+    if in_place:
+        metadata, lint = _write_export(net, out_dir, precision, opset, args, shapes, static_shape, release,
+                                       checkpoint_sha256, require_lint_clean, say)
+    else:
+        with ExportTransaction(out_dir, say) as transaction:
+            metadata, lint = _write_export(net, transaction.stage, precision, opset, args, shapes, static_shape,
+                                           release, checkpoint_sha256, require_lint_clean, say)
+            transaction.commit()
     return ExportResult(out_dir, out_dir / ONNX_NAME, metadata, lint, time.perf_counter() - start)
+
+
+def _write_export(net: PidNet, stage: Path, precision: str, opset: int, args: tuple, shapes: Any,
+                  static_shape: tuple[int, int, int] | None, release: Any, checkpoint_sha256: str | None,
+                  require_lint_clean: bool, say: Progress) -> tuple[ModelMetadata, LintReport]:
+    """model.onnx (+ .data) and pid_export.json into the empty directory `stage`."""
+    cfg = net.cfg
+    stage_boundary("tracing", say)
+    t0 = time.perf_counter()
+    say(f"tracing the network ({precision}, opset {opset}, "
+        f"{'static ' + 'x'.join(map(str, static_shape)) if static_shape else 'dynamic shapes'})")
+    with torch.no_grad():
+        program = _quiet_export(net, args, stage / ONNX_NAME, shapes, opset)
+    say(f"traced in {time.perf_counter() - t0:.0f} s; folding constants")
+    stage_boundary("folding", say)
+    import onnxscript.optimizer
+
+    # Constant folding and dead-code removal only: no fusions, so the graph keeps
+    # opsets TensorRT 10.14 imports (the default rewriter would emit RMSNormalization).
+    onnxscript.optimizer.optimize(program.model)
+    onnx_path = stage / ONNX_NAME
+    stage_boundary("onnx-write", say)
+    t0 = time.perf_counter()
+    program.save(str(onnx_path), external_data=True)
+    del program
+    say(f"wrote {ONNX_NAME} ({_dir_size(stage) / 1e6:.1f} MB) in {time.perf_counter() - t0:.0f} s; checking")
+    onnx.checker.check_model(str(onnx_path), full_check=False)
+    onnx.shape_inference.infer_shapes_path(str(onnx_path), str(onnx_path))
+    graph = onnx.load(str(onnx_path), load_external_data=False)
+    lint = lint_model(graph, expected_attention=cfg.patch_depth + cfg.pixel_depth)
+    if require_lint_clean and not lint.ok:
+        raise ExportError(f"the exported graph is not TensorRT-ready: {'; '.join(lint.problems)} "
+                          "(--allow-lint-problems exports it anyway)")
+    inputs, outputs = _io_description(graph)
+    del graph
+    metadata = _metadata(net, release, precision, opset, checkpoint_sha256, static_shape, inputs, outputs)
+    metadata.save(stage / MODEL_METADATA)
+    return metadata, lint
 
 
 def _metadata(net: PidNet, release: Any, precision: str, opset: int, checkpoint_sha256: str | None,
@@ -243,19 +257,3 @@ def _metadata(net: PidNet, release: Any, precision: str, opset: int, checkpoint_
 def _dir_size(path: Path) -> int:
     return sum(f.stat().st_size for f in path.iterdir() if f.is_file())
 
-
-KEPT_ACROSS_EXPORTS = ("timing.cache",)  # TensorRT's kernel timings stay valid for a re-export
-
-
-def _replace_dir(stage: Path, out_dir: Path) -> None:
-    """Move the finished export into place; an older export there is replaced whole."""
-    if out_dir.exists():
-        for name in KEPT_ACROSS_EXPORTS:
-            if (out_dir / name).is_file() and not (stage / name).exists():
-                shutil.copy2(out_dir / name, stage / name)
-        old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
-        out_dir.rename(old)
-        stage.rename(out_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        stage.rename(out_dir)

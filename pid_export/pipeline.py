@@ -16,14 +16,16 @@ their own error output. Nothing here parses command lines.
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
 from .config import PidConfig
 from .network import PidNet
+from .staging import ExportTransaction
 
 Log = Callable[[str], None]
 HW = tuple[int, int]
@@ -31,6 +33,10 @@ HW = tuple[int, int]
 
 class PipelineError(RuntimeError):
     """A step failed for a reason the user can act on (one line)."""
+
+
+class WriteFailure(PipelineError):
+    """The export could not be written (full disk, I/O error): a failure of the run, not of its input."""
 
 
 class Stages:
@@ -121,8 +127,11 @@ def reload_float32(loaded: LoadedNetwork, network: PidConfig) -> LoadedNetwork:
 
 def export_network(loaded: LoadedNetwork, out_dir: Path, precision: str, release: Any = None,
                    static_shape: tuple[int, int, int] | None = None, allow_lint_problems: bool = False,
-                   stages: Stages | None = None):
+                   stages: Stages | None = None, in_place: bool = False, shown_as: Path | None = None):
     """ONNX export directory of `loaded.net` (cast in place to `precision`); returns the ExportResult.
+
+    `in_place`: `out_dir` is the caller's (empty) staging directory, `shown_as` the
+    export directory it becomes (what the progress lines name).
 
     TensorRT lint problems (ops it cannot import, an unfused attention, float64)
     fail the export unless `allow_lint_problems`: an engine built from such a
@@ -133,16 +142,17 @@ def export_network(loaded: LoadedNetwork, out_dir: Path, precision: str, release
 
     stages = stages or Stages(lambda message: None)
     try:
-        with stages(f"exporting ONNX ({precision}) to {out_dir}"):
+        with stages(f"exporting ONNX ({precision}) to {shown_as or out_dir}"):
             with PhaseTimer(stages.detail) as phases:  # a heartbeat while tracing; the total split by phase
                 result = export_onnx(loaded.net, out_dir, precision, release=release,
                                      checkpoint_sha256=loaded.sha256, static_shape=static_shape,
-                                     progress=phases.say, require_lint_clean=not allow_lint_problems)
+                                     progress=phases.say, require_lint_clean=not allow_lint_problems,
+                                     in_place=in_place)
             stages.detail(phases.summary())
     except ExportError as exc:
         raise PipelineError(str(exc)) from None
     except OSError as exc:
-        raise PipelineError(f"cannot write the export to {out_dir}: {exc.strerror or exc}") from None
+        raise WriteFailure(f"cannot write the export to {shown_as or out_dir}: {exc.strerror or exc}") from None
     stages.detail(f"{result.size_bytes / 1e9:.2f} GB; ops: {result.lint.histogram()}")
     for problem in result.lint.problems:
         stages.detail(f"TensorRT lint (allowed by --allow-lint-problems): {problem}")
@@ -270,6 +280,7 @@ def build_and_verify(export_dir: Path, release: Any, precision: str, options: En
     from pid_runtime.metadata import MODEL_METADATA, ONNX_NAME, ModelMetadata
 
     from .engine import EngineError, build_engine, set_aside_rejected
+    from .interrupts import stage_boundary
     from .verify import require_passed, verify_engine
 
     stages = stages or Stages(lambda message: None)
@@ -282,11 +293,12 @@ def build_and_verify(export_dir: Path, release: Any, precision: str, options: En
             plan = build_engine(export_dir / ONNX_NAME, export_dir, profiles, target=target,
                                 workspace_gb=options.workspace_gb, strip_weights=options.strip_weights,
                                 log=stages.detail)
-            stages.detail(f"{plan} ({plan.stat().st_size / 1e6:.1f} MB)")
+            stages.detail(f"{plan.name} ({plan.stat().st_size / 1e6:.1f} MB)")
         if options.verify:
             if reference is None:
                 raise PipelineError("--verify needs the float32 network the engine was exported from")
             with stages("verifying the engine against the float32 PyTorch network (min, opt, max sizes)"):
+                stage_boundary("verify", stages.detail)
                 try:
                     require_passed(verify_engine(plan, export_dir / ONNX_NAME, net=reference.net,
                                                  log=stages.detail))
@@ -345,7 +357,18 @@ def _engine_plan_ok(request: ExportRequest, log: Log) -> bool:
 
 
 def run_export(request: ExportRequest, log: Log) -> Path:
-    """Checkpoint -> ONNX -> caption -> engine (-> verify); returns the export directory."""
+    """Checkpoint -> ONNX -> caption -> engine (-> verify); returns the export directory.
+
+    One transaction (staging.py): everything is written into a staging directory beside
+    `request.out_dir`, which replaces it in one rename at the end; until then an earlier
+    export there is untouched, and on any failure or signal it stays as it was.
+    """
+    from .staging import StagingError, check_output_dir
+
+    try:
+        check_output_dir(request.out_dir)  # a foreign --out: one line, before any work
+    except StagingError as exc:
+        raise PipelineError(str(exc)) from None
     stages = Stages(log)
     build = False
     if not request.onnx_only:
@@ -362,21 +385,43 @@ def run_export(request: ExportRequest, log: Log) -> Path:
     if request.engine.verify and not build:
         log("note: --verify applies to the engine, which is not built in this run")
 
+    with one_line_write_errors(request.out_dir), ExportTransaction(request.out_dir, log) as transaction:
+        _export_into(transaction.stage, request, build, stages, log)
+        transaction.commit()
+    return request.out_dir
+
+
+def _export_into(stage: Path, request: ExportRequest, build: bool, stages: Stages, log: Log) -> None:
+    """Every file of the export (ONNX, caption, engine, verify) into the staging directory."""
+    from .interrupts import stage_boundary
+
     loaded = load_network(request.network, request.release, request.checkpoint, stages)
     if request.precision == "fp8":
         from .fp8_export import Fp8Options, export_fp8
 
-        result = export_fp8(loaded, request.out_dir, request.release, request.fp8 or Fp8Options(),
-                            static_shape=request.static_shape, allow_lint_problems=request.allow_lint_problems,
-                            stages=stages)
+        export_fp8(loaded, stage, request.release, request.fp8 or Fp8Options(), static_shape=request.static_shape,
+                   allow_lint_problems=request.allow_lint_problems, stages=stages)
     else:
-        result = export_network(loaded, request.out_dir, request.precision, request.release,
-                                request.static_shape, request.allow_lint_problems, stages)
+        export_network(loaded, stage, request.precision, request.release, request.static_shape,
+                       request.allow_lint_problems, stages, in_place=True, shown_as=request.out_dir)
     if request.empty_caption:
-        store_caption(result.out_dir, request.network, request.caption_model, stages,
-                      download=request.download_caption_model)
+        stage_boundary("caption", log)
+        store_caption(stage, request.network, request.caption_model, stages, download=request.download_caption_model)
     if build:
         # export_network cast the network to the export precision: --verify reloads float32 weights.
         reference = reload_float32(loaded, request.network) if request.engine.verify else None
-        build_and_verify(result.out_dir, request.release, request.precision, request.engine, reference, stages)
-    return result.out_dir
+        build_and_verify(stage, request.release, request.precision, request.engine, reference, stages)
+
+
+@contextmanager
+def one_line_write_errors(out_dir: Path) -> Iterator[None]:
+    """A full disk (or any write failure) anywhere in the export is one line, not a traceback."""
+    from .staging import StagingError
+
+    kept = " (the previous export there is unchanged)" if out_dir.exists() else ""
+    try:
+        yield
+    except StagingError as exc:
+        raise PipelineError(str(exc)) from None
+    except OSError as exc:
+        raise WriteFailure(f"cannot write the export to {out_dir}: {exc.strerror or exc}{kept}") from None
