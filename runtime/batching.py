@@ -25,10 +25,11 @@ import torch
 from torch import Tensor
 
 from .backends.base import Backend, BackendError
-from .decode import (DecodeError, DecodeInputs, check_inputs, decode, fixed_batch, profile_batch_range,
+from .decode import (DecodeError, DecodeInputs, canvas_size_range, check_inputs, decode, fixed_batch, profile_batch_range,
                      supported_size_range)
 from .errors import first_line
 from .sampler import MAX_STEPS, Noise, SeededNoise
+from .tiling import TileSetting
 
 DEFAULT_MAX_BATCH = 8  # ONNX Runtime has no profile; beyond a few items a batch gains little on a CPU
 
@@ -74,6 +75,7 @@ class DecodeRequest:
     sigma: float = 0.0
     steps: int = MAX_STEPS
     size: tuple[int, int] | None = None  # output (H, W); None: the latent's native size
+    tile: TileSetting = "auto"  # as PidDecoder.decode / pid-run --tile (pid_runtime.tiling)
 
 
 @dataclass(frozen=True)
@@ -102,7 +104,8 @@ def check_request(backend: Backend, request: DecodeRequest, default_caption: Ten
         raise DecodeError(f"seed must be an integer in [0, 2^63), got {request.seed!r}")
     size_range, source = supported_size_range(backend)
     return check_inputs(backend.meta, request.latents.to(torch.float32), caption.to(torch.float32), request.sigma,
-                        request.steps, size_range=size_range, range_source=source, size=request.size)
+                        request.steps, size_range=canvas_size_range(size_range, request.tile), range_source=source,
+                        size=request.size)
 
 
 def batch_limit(backend: Backend, max_batch: int | None = None) -> int:
@@ -116,8 +119,9 @@ def batch_limit(backend: Backend, max_batch: int | None = None) -> int:
     return min(limit, profile[1]) if profile is not None else limit
 
 
-def _group_key(checked: DecodeInputs, steps: int) -> tuple:
-    return (tuple(checked.latents.shape[1:]), checked.height, checked.width, steps, checked.caption.shape[1])
+def _group_key(checked: DecodeInputs, request: DecodeRequest) -> tuple:
+    return (tuple(checked.latents.shape[1:]), checked.height, checked.width, request.steps, checked.caption.shape[1],
+            request.tile)
 
 
 def _decode_group(backend: Backend, items: list[tuple[int, DecodeRequest, DecodeInputs]],
@@ -128,7 +132,7 @@ def _decode_group(backend: Backend, items: list[tuple[int, DecodeRequest, Decode
         result = decode(backend, torch.cat([c.latents for _, _, c in items]),
                         torch.cat([c.caption for _, _, c in items]), torch.cat([c.sigma for _, _, c in items]),
                         steps=items[0][1].steps, size=(first.height, first.width),
-                        seeds=[r.seed for _, r, _ in items])
+                        seeds=[r.seed for _, r, _ in items], tile=items[0][1].tile)
     except (DecodeError, BackendError, RuntimeError) as exc:
         if len(items) == 1:
             outcomes[items[0][0]] = Outcome(error=first_line(exc), internal=not isinstance(exc, DecodeError))
@@ -151,7 +155,7 @@ def decode_many(backend: Backend, requests: Sequence[DecodeRequest], default_cap
         except DecodeError as exc:
             outcomes[index] = Outcome(error=first_line(exc))
             continue
-        groups.setdefault(_group_key(checked, request.steps), []).append((index, request, checked))
+        groups.setdefault(_group_key(checked, request), []).append((index, request, checked))
     limit = batch_limit(backend, max_batch)
     for members in groups.values():
         for start in range(0, len(members), limit):

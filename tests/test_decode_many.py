@@ -106,3 +106,19 @@ def test_check_request_is_cheap_and_refuses_before_work(decoder):
                            (DecodeRequest(torch.zeros(1, 16, 2, 2), seed=0), "no caption")]:
         with pytest.raises(DecodeError, match=words):
             check_request(decoder.backend, request)
+
+
+def test_a_tiled_request_is_decoded_as_decode_tiles_it(decoder):
+    """The serving layer's `tile=` reaches the decode: a tiled request inside a batch of untiled ones equals
+    `decode(tile=...)` of that item alone, and differs from its untiled decode (so tiling really ran)."""
+    gen = torch.Generator().manual_seed(3)
+    caption = torch.randn(1, 5, 40, generator=gen)
+    latents = torch.randn(1, 16, 4, 4, generator=gen)  # 128x128 px
+    tiled = DecodeRequest(latents, seed=21, caption=caption, tile=(64, 64, 32))
+    untiled = DecodeRequest(latents, seed=21, caption=caption, tile=None)
+    outcomes = decoder.decode_many([untiled, tiled, untiled])
+    assert all(outcome.ok for outcome in outcomes), [outcome.error for outcome in outcomes]
+    alone = decode(decoder.backend, latents, caption, 0.0, seed=21, tile=(64, 64, 32)).images
+    assert torch.equal(outcomes[1].image, alone)
+    assert torch.equal(outcomes[0].image, outcomes[2].image)
+    assert not torch.equal(outcomes[1].image, outcomes[0].image)

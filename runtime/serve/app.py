@@ -172,7 +172,7 @@ class PidDecodeService:
                 lq, sigma_t = to_training_frame(lq, sigma, backbone)
                 sigma = float(torch.as_tensor(sigma_t).reshape(-1)[0])
             decode_request = DecodeRequest(lq, seed=query.seed, caption=caption, sigma=sigma, steps=query.steps,
-                                           size=query.size)
+                                           size=query.size, tile=query.tile)
             check_request(self.decoder.backend, decode_request, self.default_caption)
         except (DecodeError, LatentError, ValueError) as exc:
             raise HttpError(422, first_line(exc)) from None

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from ..errors import first_line
+from ..tiling import TileSetting, TilingError, parse_tile
 
 ACCEPTED_TYPES = ("application/octet-stream", "application/x-npy", "application/x-npz",
                   "application/x-safetensors", "application/zip")
@@ -42,6 +43,7 @@ class DecodeQuery:
     output: str = "png"
     pipeline: str | None = None
     ldm_size: tuple[int, int] | None = None
+    tile: TileSetting = "auto"
 
 
 def _size(text: str, name: str) -> tuple[int, int]:
@@ -52,7 +54,7 @@ def _size(text: str, name: str) -> tuple[int, int]:
 
 
 def parse_query(params: dict[str, str]) -> DecodeQuery:
-    known = {"seed", "sigma", "size", "steps", "output", "pipeline", "ldm_size", "prompt"}
+    known = {"seed", "sigma", "size", "steps", "output", "pipeline", "ldm_size", "prompt", "tile"}
     unknown = sorted(set(params) - known)
     if unknown:
         raise HttpError(422, f"unknown parameter(s): {', '.join(unknown)} (known: {', '.join(sorted(known))})")
@@ -73,7 +75,11 @@ def parse_query(params: dict[str, str]) -> DecodeQuery:
         raise HttpError(422, f"output must be png or npy, got {output!r}")
     size = _size(params["size"], "size") if "size" in params else None
     ldm_size = _size(params["ldm_size"], "ldm_size") if "ldm_size" in params else None
-    return DecodeQuery(seed, sigma, size, steps, output, params.get("pipeline"), ldm_size)
+    try:
+        tile = parse_tile(params.get("tile", "auto"))
+    except TilingError as exc:
+        raise HttpError(422, str(exc)) from None
+    return DecodeQuery(seed, sigma, size, steps, output, params.get("pipeline"), ldm_size, tile)
 
 
 def check_content_type(value: str | None) -> None:
