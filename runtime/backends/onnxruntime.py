@@ -24,6 +24,7 @@ from torch import Tensor
 
 from ..errors import first_line
 from ..metadata import INPUT_NAMES, OUTPUT_NAMES
+from ..signals import cancel_on_signal
 from . import load_model_metadata, resolve_device
 from .base import Backend, BackendError
 
@@ -46,6 +47,7 @@ class OnnxRuntimeBackend(Backend):
         except ModuleNotFoundError:
             raise BackendError("ONNX Runtime is not installed: pip install onnxruntime (or onnxruntime-gpu)") from None
 
+        self._ort = ort
         self.onnx_path = Path(onnx_path)
         meta = load_model_metadata(self.onnx_path)
         has_cuda_provider = CUDA_PROVIDER in ort.get_available_providers()
@@ -130,7 +132,9 @@ class OnnxRuntimeBackend(Backend):
                 return self._velocity_cuda(x, t)
             feeds = {name: tensor.numpy() for name, tensor in self._fixed.items()}
             feeds["x"], feeds["t"] = x.numpy(), t.numpy()
-            (out,) = self.session.run(list(OUTPUT_NAMES), feeds)
+            run_options = self._ort.RunOptions()
+            with cancel_on_signal(lambda: setattr(run_options, "terminate", True)):  # Ctrl-C ends the step now
+                (out,) = self.session.run(list(OUTPUT_NAMES), feeds, run_options)
         except BackendError:
             raise
         except Exception as exc:  # a shape the export does not cover, provider failure, ...
@@ -143,7 +147,9 @@ class OnnxRuntimeBackend(Backend):
         self._bind_cuda("t", t, is_output=False)
         # ONNX Runtime runs on its own stream: torch's pending writes to x/t must land first.
         torch.cuda.current_stream(self.device).synchronize()
-        self.session.run_with_iobinding(self._binding)
+        run_options = self._ort.RunOptions()
+        with cancel_on_signal(lambda: setattr(run_options, "terminate", True)):
+            self.session.run_with_iobinding(self._binding, run_options)
         self._binding.synchronize_outputs()
         return self._out
 
