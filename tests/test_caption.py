@@ -154,7 +154,7 @@ def test_missing_model_while_offline_is_a_caption_error(monkeypatch):
     with pytest.raises(CaptionError, match="not in the Hugging Face cache and HF_HUB_OFFLINE is set") as info:
         CaptionEncoder.load("pid-export-tests/no-such-model", device="cpu")
     assert "hf download pid-export-tests/no-such-model" in str(info.value)
-    assert "local directory" in str(info.value)
+    assert "--caption-model DIR" in str(info.value)  # the local-directory way out, by its flag
 
 
 def test_directory_without_a_model_is_a_caption_error(tmp_path):

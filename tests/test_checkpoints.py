@@ -406,7 +406,7 @@ def test_hub_cache_is_used_offline_and_a_missing_file_says_how_to_pass_it(tmp_pa
     assert Path(out["cached"]) == cached
     assert out["error"] == (
         "cannot get the flux/2k checkpoint (nvidia/PiD/checkpoints/PiD_res2k_sr4x_official_flux_distill_4step/"
-        "model_ema_bf16.pth): offline mode (HF_HUB_OFFLINE) is on and the file is not in the Hugging Face cache; "
+        "model_ema_bf16.pth): it is not in the Hugging Face cache and offline mode (HF_HUB_OFFLINE) is on: "
         "download it by other means and pass --checkpoint PATH")
 
 

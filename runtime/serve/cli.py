@@ -83,7 +83,10 @@ def serve_command(export: str, port: int, host: str, replicas: int, max_replicas
     settings = ServeSettings(export=str(Path(export).resolve()), host=host, port=port, replicas=replicas,
                              max_replicas=max_replicas, threads=threads, max_batch=max_batch,
                              batch_wait_s=batch_wait_ms / 1000, max_queued=max_queued,
-                             max_ongoing=2 * max_queued, ray_max_queued=4 * max_queued,
+                             max_ongoing=2 * max_queued,
+                             # Ray's queue is the backstop behind the app's own 503 + Retry-After: deep enough
+                             # that a burst is shed by the replicas (which say when to retry), not by Ray.
+                             ray_max_queued=max(64, 8 * max_queued * (max_replicas or replicas)),
                              body_limit=int(body_limit_mb * 1024 * 1024),
                              token_file=str(Path(token_file).resolve()) if token_file else None,
                              gpus_per_replica=1.0 if device == "cuda" else 0.0)
