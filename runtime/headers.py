@@ -19,7 +19,7 @@ import numpy as np
 from numpy.lib import format as npy_format
 
 from .errors import first_line
-from .io import INPUT_SUFFIXES, InputError
+from .io import INPUT_SUFFIXES, InputError, pick_array
 
 SAFETENSORS_FLOATS = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64",
                       "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
@@ -86,15 +86,8 @@ def read_headers(path: str | os.PathLike[str], what: str) -> dict[str, ArrayHead
 
 def pick_header(headers: dict[str, ArrayHeader], keys: Sequence[str], path: str | os.PathLike[str],
                 what: str) -> ArrayHeader:
-    """The single array of a file, else the first of `keys` present (as io.pick_array chooses)."""
-    if len(headers) == 1:
-        return next(iter(headers.values()))
-    for key in keys:
-        if key in headers:
-            return headers[key]
-    names = ", ".join(sorted(headers)) or "none"
-    raise InputError(f"{what} file {path} holds several arrays ({names}); name the {what} one "
-                     f"{' or '.join(repr(k) for k in keys)}")
+    """The single array of a file, else the first of `keys` present (as io.pick_array chooses the array)."""
+    return pick_array(headers, keys, path, what)
 
 
 def check_float(header: ArrayHeader, path: str | os.PathLike[str], what: str) -> None:

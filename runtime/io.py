@@ -22,7 +22,7 @@ import tempfile
 import threading
 import zlib
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator, Sequence, TypeVar
 
 import numpy as np
 import torch
@@ -67,7 +67,10 @@ def read_arrays(path: str | os.PathLike[str], what: str) -> dict[str, Tensor]:
         raise InputError(f"cannot read {what} file {path}: {first_line(exc)}") from None
 
 
-def pick_array(arrays: dict[str, Tensor], keys: Sequence[str], path: str | os.PathLike[str], what: str) -> Tensor:
+Entry = TypeVar("Entry")  # an array, or its header (pid_runtime.headers): both are chosen the same way
+
+
+def pick_array(arrays: dict[str, Entry], keys: Sequence[str], path: str | os.PathLike[str], what: str) -> Entry:
     """The single array of a file, else the first of `keys` present."""
     if len(arrays) == 1:
         return next(iter(arrays.values()))
