@@ -180,6 +180,9 @@ class CaptionEncoder:
         # transformers renamed `torch_dtype` to `dtype` in 4.56; the extra allows 4.45+.
         major, minor = (int(part) for part in transformers.__version__.split(".")[:2])
         dtype_key = "dtype" if (major, minor) >= (4, 56) else "torch_dtype"
+        # Its "Loading weights" bars would be the only lines a Gemma-2-2B load prints; the tools say
+        # "loading the caption encoder" themselves, and an error after them must stay one line.
+        transformers.utils.logging.disable_progress_bar()
         try:
             tokenizer = transformers.AutoTokenizer.from_pretrained(model, local_files_only=offline)
             # AutoModel on the Gemma2ForCausalLM checkpoint gives the decoder stack without the LM head.

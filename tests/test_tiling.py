@@ -203,11 +203,14 @@ def pid_run(*args, env=None) -> subprocess.CompletedProcess:
                           timeout=900, env=env)
 
 
+# VmHWM, the high-water mark of this process image's own memory: getrusage's ru_maxrss would carry
+# over the pytest worker's RSS, which a forked child inherits and exec keeps (Linux).
 PEAK = """
-import resource, sys
+import sys
 from pid_runtime.cli import main
 code = main(sys.argv[1:])
-print(f"PEAK_RSS_KIB {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}")
+hwm = next(line for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+print(f"PEAK_RSS_KIB {hwm.split()[1]}")
 sys.exit(code)
 """
 
