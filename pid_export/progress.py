@@ -49,8 +49,9 @@ class PhaseTimer:
                 name, start = self.phases[-1]
                 self.log(f"still {name}: {time.perf_counter() - start:.0f} s so far")
 
-        self._thread = threading.Thread(target=beat, name="export-heartbeat", daemon=True)
-        self._thread.start()
+        thread = threading.Thread(target=beat, name="export-heartbeat", daemon=True)
+        thread.start()
+        self._thread = thread  # only once started: a signal inside start() leaves nothing to join
 
     def __enter__(self) -> "PhaseTimer":
         return self
@@ -58,7 +59,7 @@ class PhaseTimer:
     def __exit__(self, *exc) -> None:
         self._end = time.perf_counter()
         self._stop.set()
-        if self._thread is not None:
+        if self._thread is not None and self._thread.ident is not None:
             self._thread.join()
 
     def summary(self) -> str:
