@@ -19,7 +19,7 @@ import numpy as np
 from numpy.lib import format as npy_format
 
 from .errors import first_line
-from .io import INPUT_SUFFIXES, InputError, pick_array
+from .io import InputError, check_input_file, pick_array
 
 SAFETENSORS_FLOATS = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64",
                       "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
@@ -52,12 +52,7 @@ def _npy_header(handle: BinaryIO, name: str) -> ArrayHeader:
 
 def read_headers(path: str | os.PathLike[str], what: str) -> dict[str, ArrayHeader]:
     """Every array's header in an input file, keyed by name (`.npy`: "")."""
-    path = Path(path)
-    suffix = path.suffix.lower()
-    if suffix not in INPUT_SUFFIXES:
-        raise InputError(f"{what} file {path} must end in {', '.join(INPUT_SUFFIXES)}")
-    if not path.is_file():
-        raise InputError(f"{what} file {path} does not exist")
+    path, suffix = check_input_file(path, what)
     try:
         if suffix == ".npy":
             with open(path, "rb") as handle:

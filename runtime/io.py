@@ -22,7 +22,7 @@ import tempfile
 import threading
 import zlib
 from pathlib import Path
-from typing import Callable, Iterator, Sequence, TypeVar
+from typing import Callable, Collection, Iterator, Sequence, TypeVar
 
 import numpy as np
 import torch
@@ -46,14 +46,37 @@ class InputError(ValueError):
 # Reading
 
 
-def read_arrays(path: str | os.PathLike[str], what: str) -> dict[str, Tensor]:
-    """All arrays of an input file as CPU tensors (dtype unchanged), keyed by name (`.npy`: "")."""
+def check_input_file(path: str | os.PathLike[str], what: str) -> tuple[Path, str]:
+    """(path, lower-case suffix) of an existing input file of a kind we read; else InputError."""
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix not in INPUT_SUFFIXES:
         raise InputError(f"{what} file {path} must end in {', '.join(INPUT_SUFFIXES)}")
     if not path.is_file():
         raise InputError(f"{what} file {path} does not exist")
+    return path, suffix
+
+
+def check_noise_suffix(path: str | os.PathLike[str]) -> None:
+    if Path(path).suffix.lower() != ".safetensors":
+        raise InputError(f"noise file {path} must be a .safetensors file with arrays 'noise' and 'eps'")
+
+
+def noise_keys(path: str | os.PathLike[str], names: Collection[str]) -> tuple[str, str]:
+    """The names of the 'noise' and 'eps' arrays of a --noise file holding `names`; else InputError."""
+    found = []
+    for keys in (NOISE_KEYS, EPS_KEYS):
+        key = next((k for k in keys if k in names), None)
+        if key is None:
+            raise InputError(f"noise file {path} has no array '{keys[0]}' "
+                             "(expected 'noise' [B,3,H,W] and 'eps' [steps-1,B,3,H,W])")
+        found.append(key)
+    return found[0], found[1]
+
+
+def read_arrays(path: str | os.PathLike[str], what: str) -> dict[str, Tensor]:
+    """All arrays of an input file as CPU tensors (dtype unchanged), keyed by name (`.npy`: "")."""
+    path, suffix = check_input_file(path, what)
     try:
         if suffix == ".npy":
             return {"": torch.from_numpy(np.load(path, allow_pickle=False))}
@@ -113,17 +136,9 @@ def load_caption(path: str | os.PathLike[str]) -> Tensor:
 
 def load_noise(path: str | os.PathLike[str]) -> tuple[Tensor, Tensor]:
     """Fixed sampler noise: `noise` [B,3,H,W] and `eps` [S-1,B,3,H,W] (float32) from a safetensors file."""
-    if Path(path).suffix.lower() != ".safetensors":
-        raise InputError(f"noise file {path} must be a .safetensors file with arrays 'noise' and 'eps'")
+    check_noise_suffix(path)
     arrays = read_arrays(path, "noise")
-    found = []
-    for keys in (NOISE_KEYS, EPS_KEYS):
-        key = next((k for k in keys if k in arrays), None)
-        if key is None:
-            raise InputError(f"noise file {path} has no array '{keys[0]}' "
-                             f"(expected 'noise' [B,3,H,W] and 'eps' [steps-1,B,3,H,W])")
-        found.append(as_float32(arrays[key], path, f"noise array '{key}'"))
-    noise, eps = found
+    noise, eps = (as_float32(arrays[key], path, f"noise array '{key}'") for key in noise_keys(path, arrays))
     if noise.ndim != 4 or eps.ndim != 5:
         raise InputError(f"noise file {path}: 'noise' is {list(noise.shape)} and 'eps' is {list(eps.shape)}, "
                          "expected [B,3,H,W] and [steps-1,B,3,H,W]")

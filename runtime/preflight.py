@@ -18,7 +18,7 @@ import numpy as np
 from .decode import DecodeError, canvas_size_range, check_graph_limits, check_output_size
 from .tiling import TileSetting
 from .headers import ArrayHeader, check_float, pick_header, read_headers
-from .io import CAPTION_KEYS, EPS_KEYS, LATENT_KEYS, NOISE_KEYS, InputError
+from .io import CAPTION_KEYS, LATENT_KEYS, InputError, check_noise_suffix, noise_keys
 from .metadata import ModelMetadata
 from .sampler import num_renoise
 
@@ -122,15 +122,10 @@ def check_caption_header(meta: ModelMetadata, path: str | os.PathLike[str], batc
 
 def check_noise_header(path: str | os.PathLike[str], batch: int, height: int, width: int, steps: int) -> None:
     """--noise: 'noise' [B,3,H,W] and 'eps' [steps-1,B,3,H,W] for these latents, from the header."""
-    if Path(path).suffix.lower() != ".safetensors":
-        raise InputError(f"noise file {path} must be a .safetensors file with arrays 'noise' and 'eps'")
+    check_noise_suffix(path)
     headers = read_headers(path, "noise")
     found = []
-    for keys in (NOISE_KEYS, EPS_KEYS):
-        key = next((k for k in keys if k in headers), None)
-        if key is None:
-            raise InputError(f"noise file {path} has no array '{keys[0]}' "
-                             "(expected 'noise' [B,3,H,W] and 'eps' [steps-1,B,3,H,W])")
+    for key in noise_keys(path, headers):
         check_float(headers[key], path, f"noise array '{key}'")
         found.append(list(headers[key].shape))
     noise, eps = found
