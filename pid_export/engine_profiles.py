@@ -10,7 +10,8 @@ import re
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Sequence
 
-from pid_runtime.metadata import INPUT_NAMES, ModelMetadata
+from pid_runtime.metadata import ModelMetadata
+from pid_runtime.signature import INPUT_NAMES, input_shapes
 
 from .config import PidConfig
 from .engine_errors import EngineError, MissingSizeRange
@@ -117,16 +118,12 @@ class EngineProfile:
 
 
 def profile_shapes(profile: EngineProfile) -> dict[str, tuple[Shape, Shape, Shape]]:
-    """Per network input: its (min, opt, max) shape under `profile`."""
+    """Per network input (`signature.INPUTS`): its (min, opt, max) shape under `profile`."""
     def at(batch: int, hw: HW, text: int, latent_cells: Callable[[int], int]) -> dict[str, Shape]:
         height, width = hw
-        return {
-            "x": (batch, 3, height, width),
-            "t": (batch,),
-            "y": (batch, text, profile.txt_dim),
-            "lq_latent": (batch, profile.latent_channels, latent_cells(height), latent_cells(width)),
-            "degrade_sigma": (batch,),
-        }
+        return input_shapes(dict(batch=batch, height=height, width=width, text_len=text, txt_dim=profile.txt_dim,
+                                 latent_channels=profile.latent_channels, latent_h=latent_cells(height),
+                                 latent_w=latent_cells(width)))
 
     scale = profile.pixel_scale
     low_text = profile.text_length if profile.min_text_length is None else profile.min_text_length

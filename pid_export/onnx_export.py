@@ -20,7 +20,8 @@ from typing import Any, Callable
 import onnx
 import torch
 
-from pid_runtime.metadata import INPUT_NAMES, MODEL_METADATA, ONNX_NAME, OUTPUT_NAMES, GraphLimits, ModelMetadata
+from pid_runtime.metadata import MODEL_METADATA, ONNX_NAME, GraphLimits, ModelMetadata
+from pid_runtime.signature import INPUT_NAMES, INPUTS, OUTPUT_NAMES, input_shapes
 
 from .interrupts import stage_boundary
 from .network import PidNet
@@ -61,39 +62,34 @@ class ExportResult:
 def trace_inputs(net: PidNet, batch: int = TRACE_BATCH, latent_hw: tuple[int, int] = TRACE_LATENT,
                  size: tuple[int, int] | None = None, text_len: int | None = None,
                  seed: int = 0) -> tuple[torch.Tensor, ...]:
-    """Random float32 inputs (only the shapes matter for tracing); `size` = output (H, W),
-    default the TRACE_GRID patch grid."""
+    """Random float32 inputs in `signature.INPUTS` order (only the shapes matter for tracing);
+    `size` = output (H, W), default the TRACE_GRID patch grid."""
     cfg = net.cfg
-    h, w = latent_hw
     height, width = size or (TRACE_GRID[0] * cfg.patch_size, TRACE_GRID[1] * cfg.patch_size)
-    text_len = text_len or min(cfg.txt_max_length, 8)
+    shapes = input_shapes(dict(batch=batch, height=height, width=width,
+                               text_len=text_len or min(cfg.txt_max_length, 8), txt_dim=cfg.txt_embed_dim,
+                               latent_channels=cfg.lq_latent_channels, latent_h=latent_hw[0], latent_w=latent_hw[1]))
     gen = torch.Generator().manual_seed(seed)
-    return (
-        torch.randn(batch, 3, height, width, generator=gen),
-        torch.rand(batch, generator=gen) * 1000,
-        torch.randn(batch, text_len, cfg.txt_embed_dim, generator=gen),
-        torch.randn(batch, cfg.lq_latent_channels, h, w, generator=gen),
-        torch.rand(batch, generator=gen),
-    )
+    # Timesteps in [0, 1000) and sigmas in [0, 1) like the sampler's; the rest standard normal.
+    scale = {"t": 1000.0, "degrade_sigma": 1.0}
+    return tuple(torch.rand(shape, generator=gen) * scale[name] if name in scale
+                 else torch.randn(shape, generator=gen) for name, shape in shapes.items())
 
 
 def dynamic_shapes(net: PidNet) -> dict[str, dict[int, Any]]:
+    """torch.export Dims for each input's dynamic axes (`signature.DYNAMIC`), with the graph's bounds."""
     Dim = torch.export.Dim
-    batch = Dim("batch", min=1, max=MAX_BATCH)
-    lat_h = Dim("latent_h", min=1, max=MAX_LATENT)
-    lat_w = Dim("latent_w", min=1, max=MAX_LATENT)
-    # The output size is its own pair of dims, not a function of the latent's.
-    grid_h = Dim("patches_h", min=1, max=MAX_GRID)
-    grid_w = Dim("patches_w", min=1, max=MAX_GRID)
-    text = Dim("text_len", min=1, max=net.cfg.txt_max_length)
     patch = net.cfg.patch_size
-    return {
-        "x": {0: batch, 2: grid_h * patch, 3: grid_w * patch},
-        "t": {0: batch},
-        "y": {0: batch, 1: text},
-        "lq_latent": {0: batch, 2: lat_h, 3: lat_w},
-        "degrade_sigma": {0: batch},
+    # The output size is its own pair of dims (whole patches), not a function of the latent's.
+    dims = {
+        "batch": Dim("batch", min=1, max=MAX_BATCH),
+        "height": Dim("patches_h", min=1, max=MAX_GRID) * patch,
+        "width": Dim("patches_w", min=1, max=MAX_GRID) * patch,
+        "text_len": Dim("text_len", min=1, max=net.cfg.txt_max_length),
+        "latent_h": Dim("latent_h", min=1, max=MAX_LATENT),
+        "latent_w": Dim("latent_w", min=1, max=MAX_LATENT),
     }
+    return {spec.name: {axis: dims[dim] for axis, dim in spec.dynamic_axes().items()} for spec in INPUTS}
 
 
 def _io_description(model: onnx.ModelProto) -> tuple[list[dict], list[dict]]:

@@ -24,7 +24,8 @@ from pid_runtime.backends.base import BackendError, OutOfDeviceMemory
 from pid_runtime.backends.tensorrt import TensorRTBackend
 from pid_runtime.engine_metadata import EngineMetadata
 from pid_runtime.trt_plan import engine_metadata_path
-from pid_runtime.metadata import ENGINE_NAME, INPUT_NAMES, MODEL_METADATA, ModelMetadata
+from pid_runtime.metadata import ENGINE_NAME, MODEL_METADATA, ModelMetadata
+from pid_runtime.signature import INPUT_NAMES, input_shapes
 
 from .engine import EngineError
 
@@ -188,19 +189,18 @@ def _metadata_for(plan_path: Path, prof: Mapping[str, Any]) -> ModelMetadata:
 
 def verify_inputs(prof: Mapping[str, Any], batch: int, height: int, width: int,
                   seed: int = 0) -> dict[str, torch.Tensor]:
-    """Random network inputs for a profile's model at one size, captions with outlier channels."""
+    """Random network inputs (`signature.INPUTS`) for a profile's model at one size: captions
+    of the full length with outlier channels, a mid-schedule timestep and sigma."""
     gen = torch.Generator().manual_seed(seed)
-    scale = int(prof["pixel_scale"])
-    y = torch.randn(batch, int(prof["text_length"]), int(prof["txt_dim"]), generator=gen)
-    y[..., :: max(int(prof["txt_dim"]) // 8, 1)] *= 50.0  # outlier channels
-    return {
-        "x": torch.randn(batch, 3, height, width, generator=gen),
-        "t": torch.full((batch,), 634.0),
-        "y": y,
-        "lq_latent": torch.randn(batch, int(prof["latent_channels"]), height // scale, width // scale,
-                                 generator=gen),
-        "degrade_sigma": torch.full((batch,), 0.2),
-    }
+    scale, txt_dim = int(prof["pixel_scale"]), int(prof["txt_dim"])
+    shapes = input_shapes(dict(batch=batch, height=height, width=width, text_len=int(prof["text_length"]),
+                               txt_dim=txt_dim, latent_channels=int(prof["latent_channels"]),
+                               latent_h=height // scale, latent_w=width // scale))
+    constant = {"t": 634.0, "degrade_sigma": 0.2}
+    inputs = {name: torch.full(shape, constant[name]) if name in constant else torch.randn(shape, generator=gen)
+              for name, shape in shapes.items()}
+    inputs["y"][..., :: max(txt_dim // 8, 1)] *= 50.0  # outlier channels
+    return inputs
 
 
 def _run_onnxruntime(onnx_file: Path, feeds: Mapping[str, np.ndarray]) -> np.ndarray:

@@ -20,8 +20,8 @@ ONNX_NAME = "model.onnx"
 ENGINE_NAME = "engine.plan"
 EMPTY_CAPTION_NAME = "empty_caption.npy"
 
-INPUT_NAMES = ("x", "t", "y", "lq_latent", "degrade_sigma")
-OUTPUT_NAMES = ("velocity",)
+# The network's tensors are declared in signature.py; their names are re-exported here.
+from .signature import INPUT_NAMES, OUTPUT_NAMES  # noqa: E402  (after the file-name constants)
 
 
 class MetadataError(ValueError):

@@ -16,7 +16,7 @@ import torch
 
 from .backends.base import BackendError
 from .engine_metadata import EngineMetadata
-from .metadata import INPUT_NAMES
+from .signature import BY_NAME, INPUT_NAMES
 from .trt_library import RTX, LibraryError, Shape, TensorRTLibrary, library_for_plan, rtx_default_targets_include
 
 ONNX_FALLBACK = "pid-run can run the export directory's model.onnx with ONNX Runtime instead"
@@ -197,16 +197,6 @@ def compute_capability_string(device: torch.device) -> str:
     return f"{major}.{minor}"
 
 
-# What each dimension of each input means, for "outside the profile" messages.
-_DIM_LABELS: dict[str, Sequence[str]] = {
-    "x": ("batch", "channels", "height", "width"),
-    "t": ("batch",),
-    "y": ("batch", "caption length", "caption embedding width"),
-    "lq_latent": ("batch", "latent channels", "latent height", "latent width"),
-    "degrade_sigma": ("batch",),
-}
-
-
 def profile_violation(shapes: Mapping[str, Shape],
                       ranges: Mapping[str, tuple[Shape, Shape]]) -> str | None:
     """First input dimension outside the engine's [min, max] profile, as a sentence; else None.
@@ -220,7 +210,7 @@ def profile_violation(shapes: Mapping[str, Shape],
         shape, (low, high) = shapes[name], ranges[name]
         if len(shape) != len(low):
             return f"input {name} has shape {list(shape)}; the engine expects {len(low)} dimensions"
-        labels = _DIM_LABELS.get(name, ())
+        labels = BY_NAME[name].labels
         for axis, (value, lo, hi) in enumerate(zip(shape, low, high)):
             if lo <= value <= hi:
                 continue

@@ -36,9 +36,10 @@ from torch import Tensor
 from ..engine_metadata import EngineMetadata
 from ..errors import first_line
 from ..io import atomic_write
-from ..metadata import INPUT_NAMES, OUTPUT_NAMES, ModelMetadata
+from ..metadata import ModelMetadata
 from ..precision import precision_problem
 from ..sampler import MAX_STEPS, sample
+from ..signature import IMAGE_CHANNELS, INPUT_NAMES, INPUTS, OUTPUT_NAMES
 from ..trt_library import dims_tuple, last_errors, recording_logger, torch_dtype
 from ..trt_plan import (  # re-exported: the plan checks were first defined here
     ONNX_FALLBACK,
@@ -285,14 +286,12 @@ class TensorRTBackend(Backend):
     # -- binding ----------------------------------------------------------
     @on_own_device
     def bind(self, y: Tensor, lq_latent: Tensor, degrade_sigma: Tensor, height: int, width: int) -> None:
-        batch = int(lq_latent.shape[0])
-        shapes: dict[str, Shape] = {
-            "x": (batch, 3, height, width),
-            "t": (batch,),
-            "y": tuple(int(d) for d in y.shape),
-            "lq_latent": tuple(int(d) for d in lq_latent.shape),
-            "degrade_sigma": tuple(int(d) for d in degrade_sigma.shape),
-        }
+        # The inputs given keep their own shapes (the profile check names a mismatch); x and t
+        # follow from the batch and the output size.
+        given = {"y": y, "lq_latent": lq_latent, "degrade_sigma": degrade_sigma}
+        sizes = {"batch": int(lq_latent.shape[0]), "channels": IMAGE_CHANNELS, "height": height, "width": width}
+        shapes: dict[str, Shape] = {spec.name: tuple(int(d) for d in given[spec.name].shape) if spec.name in given
+                                    else spec.shape(sizes) for spec in INPUTS}
         profile = select_profile(shapes, self._profiles)
         key = (profile, *(shapes[name] for name in INPUT_NAMES))
         if key != self._shape_key:
