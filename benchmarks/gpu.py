@@ -53,6 +53,8 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from pid_runtime.sizes import parse_hw
+
 GPU_SIZES = ((2048, 2048), (3840, 3840))
 SMOKE_SIZES = ((64, 96), (96, 128))
 ROW_KINDS = ("overhead", "eager-autocast", "eager-bf16w", "runtime-decode", "reference", "compile",
@@ -95,11 +97,10 @@ def ensure_runtime_importable() -> None:
 
 
 def parse_size_list(text: str) -> list[tuple[int, int]]:
-    sizes = []
-    for part in text.split(","):
-        height, width = (int(v) for v in part.strip().lower().split("x"))
-        sizes.append((height, width))
-    return sizes
+    try:
+        return [parse_hw(part) for part in text.split(",")]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:

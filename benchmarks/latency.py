@@ -19,6 +19,7 @@ import click
 import torch
 
 from pid_export.pipeline import PipelineError
+from pid_runtime.sizes import parse_hw
 
 from .hardware import load_text
 
@@ -32,12 +33,9 @@ def parse_sizes(text: str) -> list[tuple[int, int]]:
     sizes = []
     for part in text.split(","):
         try:
-            height, width = (int(v) for v in part.strip().lower().split("x"))
-        except ValueError:
-            raise click.BadParameter(f"{part.strip()!r} is not HEIGHTxWIDTH (e.g. 2048x2048)") from None
-        if height <= 0 or width <= 0:
-            raise click.BadParameter(f"{part.strip()!r}: sizes must be positive")
-        sizes.append((height, width))
+            sizes.append(parse_hw(part))
+        except ValueError as exc:
+            raise click.BadParameter(str(exc)) from None
     return sizes
 
 

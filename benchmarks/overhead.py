@@ -38,6 +38,7 @@ from pid_runtime.decode import decode
 from pid_runtime.io import atomic_write, write_output
 from pid_runtime.metadata import ModelMetadata
 from pid_runtime.sampler import MAX_STEPS
+from pid_runtime.sizes import parse_hw
 
 from .hardware import MemoryGrowth, device_name
 
@@ -71,7 +72,7 @@ class StandInBackend(Backend):
 
     def bind(self, y: Tensor, lq_latent: Tensor, degrade_sigma: Tensor, height: int, width: int) -> None:
         batch = int(lq_latent.shape[0])
-        ranges = getattr(self, "profile_ranges", None)
+        ranges = self.profile_ranges
         if ranges is not None and batch > ranges["x"][1][0]:
             raise RuntimeError(f"batch {batch} is above the profile's maximum {ranges['x'][1][0]}")
         self.bound_batches.append(batch)
@@ -82,10 +83,10 @@ class StandInBackend(Backend):
 
 def parse_size(text: str) -> tuple[int, int]:
     try:
-        height, width = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not HEIGHTxWIDTH (e.g. 3840x3840)") from None
-    if height <= 0 or width <= 0 or height % PIXEL_SCALE or width % PIXEL_SCALE:
+        height, width = parse_hw(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    if height % PIXEL_SCALE or width % PIXEL_SCALE:
         raise argparse.ArgumentTypeError(f"{text}: sides must be positive multiples of {PIXEL_SCALE}")
     return height, width
 

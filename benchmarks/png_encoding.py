@@ -31,6 +31,7 @@ import torch
 from PIL import Image
 
 from pid_runtime.io import atomic_write, write_png
+from pid_runtime.sizes import parse_hw
 
 
 def contents(height: int, width: int) -> dict[str, np.ndarray]:
@@ -99,7 +100,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=5, help="runs per encoder and content (default 5)")
     parser.add_argument("--out", type=Path, default=None, help="JSON file for the results")
     args = parser.parse_args(argv)
-    height, width = (int(v) for v in args.size.lower().split("x"))
+    try:
+        height, width = parse_hw(args.size)
+    except ValueError as exc:
+        parser.error(str(exc))
     torch.set_num_threads(1)  # the encoders are single-threaded; so is the conversion here
     import tempfile
 

@@ -27,12 +27,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pid_runtime.sizes import parse_hw
+
 CHILD = "--child"
-
-
-def parse_hw(text: str) -> tuple[int, int]:
-    h, w = text.lower().split("x")
-    return int(h), int(w)
 
 
 def run_one(args: argparse.Namespace) -> None:

@@ -27,6 +27,7 @@ from .interrupts import stage_boundary
 from .network import PidNet
 from .onnx_lint import LintReport, lint_model
 from .precision import apply_precision
+from .releases import Release, variant_sides
 from .staging import ExportTransaction
 
 OPSET = 23
@@ -218,7 +219,11 @@ def _write_export(net: PidNet, stage: Path, precision: str, opset: int, args: tu
 
 def _metadata(net: PidNet, release: Any, precision: str, opset: int, checkpoint_sha256: str | None,
               static_shape: tuple[int, int, int] | None, inputs: list, outputs: list) -> ModelMetadata:
+    """`release`: a registry `Release`, or a registry-like description of a custom network (the
+    demo's: name and sizes only), or None."""
     cfg = net.cfg
+    # Only a registry entry has a backbone and variant; the runtime reads them from here.
+    registered = release if isinstance(release, Release) else None
     trained = [list(s) for s in getattr(release, "trained_sizes", [])]
     min_size = list(getattr(release, "min_size", None) or []) or None
     max_size = list(getattr(release, "max_size", None) or []) or None
@@ -247,6 +252,9 @@ def _metadata(net: PidNet, release: Any, precision: str, opset: int, checkpoint_
         inputs=inputs,
         outputs=outputs,
         graph_limits=limits,
+        backbone=registered.backbone if registered else None,
+        variant=registered.variant if registered else None,
+        variant_sides={v: list(sides) for v, sides in variant_sides(registered.backbone).items()} if registered else {},
     )
 
 

@@ -281,6 +281,14 @@ def variants_of(backbone: str) -> tuple[str, ...]:
     return tuple(r.variant for r in _RELEASES if r.backbone == key)
 
 
+def variant_sides(backbone: str) -> dict[str, tuple[int, int]]:
+    """{variant: (shortest, longest) trained side in px} of a backbone's releases: what an export
+    records so the runtime can name the release that covers a size outside its own range."""
+    key = canonical_backbone(backbone)
+    return {r.variant: (min(min(s) for s in r.trained_sizes), max(max(s) for s in r.trained_sizes))
+            for r in _RELEASES if r.backbone == key}
+
+
 def released_pairs_text() -> str:
     """`released: flux: 2k, 2kto4k, 2kto4k-v1.5; ...; aliases: zimage -> flux, ...`."""
     per_backbone = "; ".join(

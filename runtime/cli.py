@@ -7,7 +7,6 @@ exit status 1 (2 for command-line usage), and no output file.
 from __future__ import annotations
 
 import os
-import re
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -26,6 +25,7 @@ from .preflight import (LatentPlan, check_caption_header, check_latents_header, 
                         check_pipeline_latents_header, check_seed, export_size_range)
 from .sampler import MAX_STEPS, timesteps
 from .signals import Signalled, signals_as_exception
+from .sizes import parse_hw
 from .tiling import TileSetting, TilingError, parse_tile
 
 PROG = "pid-run"
@@ -46,10 +46,10 @@ def parse_size(text: str | None) -> tuple[int, int] | None:
     """`2160x3840` (height x width, pixels) -> (2160, 3840); None stays None."""
     if text is None:
         return None
-    match = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", text)
-    if match is None or int(match.group(1)) == 0 or int(match.group(2)) == 0:
-        raise click.BadParameter(f"{text!r} is not HEIGHTxWIDTH in pixels, e.g. 2160x3840", param_hint="'--size'")
-    return int(match.group(1)), int(match.group(2))
+    try:
+        return parse_hw(text)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="'--size'") from None
 
 
 def caption_for(model_file: Path, batch: int, prompts: Sequence[str], device: torch.device, say,

@@ -26,18 +26,14 @@ import torch
 from torch import Tensor
 
 from .backends.base import Backend
+from .errors import DecodeError
 from .metadata import ModelMetadata
 from .sampler import MAX_STEPS, FixedNoise, Noise, NonFiniteError, SeededNoise, num_renoise, sample
+from .sizes import (SizeRange, aspect_ratio_range, canvas_size_range, check_graph_limits, check_output_size,
+                    native_size, output_size, supported_size_range)
 from .tiling import TiledVelocity, TilePlan, TileSetting, TilingError, choose_plan, decode_budget
 
 PATCH_SIZE = 16  # SPEC: every released network; a custom export's own value is in its metadata
-# Output sizes (px, either side) each release variant was trained for; mirrors the
-# registry in pid_export.releases (SPEC sec. 2), which the runtime must not import.
-VARIANT_SIDES = {"2k": (1536, 2688), "2kto4k": (1536, 4096)}
-
-
-class DecodeError(ValueError):
-    """Inputs that do not fit the model or each other (the message says what to change)."""
 
 
 @dataclass
@@ -90,138 +86,6 @@ class DecodeResult:
 def _need_finite(tensor: Tensor, what: str) -> None:
     if not bool(torch.isfinite(tensor).all()):
         raise DecodeError(f"{what} contain NaN or Inf values")
-
-
-def native_size(meta: ModelMetadata, latents: Tensor) -> tuple[int, int]:
-    """The latent's own output size: h * pixel_scale x w * pixel_scale."""
-    return latents.shape[-2] * meta.pixel_scale, latents.shape[-1] * meta.pixel_scale
-
-
-def output_size(meta: ModelMetadata, latents: Tensor, size: tuple[int, int] | None = None) -> tuple[int, int]:
-    """The requested (height, width), else the latent's native size."""
-    return native_size(meta, latents) if size is None else (int(size[0]), int(size[1]))
-
-
-# How far the output's aspect ratio may be from the latent's, in latent cells per side.
-# Diffusers' SD3/Flux pipelines round each image side down to a multiple of 16 px, i.e.
-# 2 cells of an /8 latent (Flux2 and the RAEs: 1 cell of /16), so a latent is up to 2
-# cells short of the picture it stands for: 3840x2160 (16:9) is 960x540 px at the LDM
-# scale, which becomes a 120x68 latent (native 3840x2176). Within 2 cells the output is
-# that picture at its true shape; beyond, the decode stretches the image.
-ASPECT_SLACK_CELLS = 2
-
-
-def aspect_ratio_range(lat_h: int, lat_w: int, slack: int = ASPECT_SLACK_CELLS) -> tuple[float, float]:
-    """(lowest, highest) output height / width for an lat_h x lat_w latent."""
-    low = max(lat_h - slack, 0) / (lat_w + slack)
-    high = (lat_h + slack) / (lat_w - slack) if lat_w > slack else float("inf")
-    return low, high
-
-
-def _multiples_near(value: int, step: int) -> str:
-    below = value // step * step
-    return " or ".join(str(v) for v in (below, below + step) if v > 0)
-
-
-def release_variant(meta: ModelMetadata) -> str | None:
-    """`2k` / `2kto4k` from the release name (e.g. PiD_res2kto4k_sr4x_official_flux_distill_4step)."""
-    name = (meta.release or "").lower()
-    if "2kto4k" in name:
-        return "2kto4k"
-    if "res2k" in name:
-        return "2k"
-    return None
-
-
-SizeRange = tuple[tuple[int, int], tuple[int, int]]  # ((min H, min W), (max H, max W))
-
-
-def supported_size_range(backend: Backend) -> tuple[SizeRange | None, str]:
-    """Output sizes `backend` can decode, and what sets them ("engine" profile or "export" metadata).
-
-    A TensorRT backend knows its optimization profile (`profile_ranges`), which
-    pid-export may have built wider or narrower than the release's trained range.
-    """
-    ranges = getattr(backend, "profile_ranges", None)
-    if isinstance(ranges, dict) and "x" in ranges:
-        low, high = ranges["x"]
-        return ((int(low[2]), int(low[3])), (int(high[2]), int(high[3]))), "engine"
-    meta = backend.meta
-    if meta.min_size is None or meta.max_size is None:
-        return None, "export"
-    return ((int(meta.min_size[0]), int(meta.min_size[1])), (int(meta.max_size[0]), int(meta.max_size[1]))), "export"
-
-
-def _check_requested_size(meta: ModelMetadata, height: int, width: int, latent_hw: tuple[int, int],
-                          patch: int) -> None:
-    lat_h, lat_w = latent_hw
-    if height <= 0 or width <= 0:
-        raise DecodeError(f"output size {height}x{width} must be positive")
-    for side, value in (("height", height), ("width", width)):
-        if value % patch:
-            raise DecodeError(f"output {side} {value} is not a multiple of {patch} (the patch size); "
-                              f"use {_multiples_near(value, patch)}")
-    native = (lat_h * meta.pixel_scale, lat_w * meta.pixel_scale)
-    if (height, width) != native and not meta.any_output_size:
-        raise DecodeError(f"this export decodes only at the latent's native size {native[0]}x{native[1]} "
-                          f"(it predates free output sizes); re-export it with pid-export to decode {height}x{width}")
-    low, high = aspect_ratio_range(lat_h, lat_w)
-    if not low <= height / width <= high:
-        high_text = f"{high:.3f}" if high != float("inf") else "any"
-        raise DecodeError(f"output size {height}x{width} (height/width {height / width:.3f}) is too far from "
-                          f"the shape of the {lat_h}x{lat_w} latent (height/width {lat_h / lat_w:.3f}; "
-                          f"allowed {low:.3f} to {high_text}, i.e. within {ASPECT_SLACK_CELLS} latent cells "
-                          f"per side): the image would be stretched; decode the native size and crop instead")
-
-
-def check_output_size(meta: ModelMetadata, height: int, width: int, latent_hw: tuple[int, int],
-                      size_range: SizeRange | None = None, source: str = "export", requested: bool = False) -> None:
-    """The output size against the patch size, the latent's shape, the export and its range.
-
-    `requested`: the size was asked for (pid-run --size) rather than the latent's native size.
-    """
-    patch = meta.patch_size
-    lat_h, lat_w = latent_hw
-    if requested:
-        _check_requested_size(meta, height, width, latent_hw, patch)
-    elif height % patch or width % patch:
-        raise DecodeError(f"output size {height}x{width} (latent {lat_h}x{lat_w} x {meta.pixel_scale} "
-                          f"px per cell) is not a multiple of {patch}; ask for a size that is (pid-run --size HxW, "
-                          f"e.g. {height // patch * patch or patch}x{width // patch * patch or patch}) "
-                          f"or crop or pad the latent")
-    if size_range is None:
-        return
-    (min_h, min_w), (max_h, max_w) = size_range
-    if min_h <= height <= max_h and min_w <= width <= max_w:
-        return
-    variant = release_variant(meta)
-    range_text = f"{min_h}x{min_w} to {max_h}x{max_w}" + (f", the {variant} variant" if variant else "")
-    message = f"output size {height}x{width} is outside the range this {source} supports ({range_text})"
-    if variant is not None:
-        covering = [v for v, (lo, hi) in VARIANT_SIDES.items() if lo <= min(height, width) and max(height, width) <= hi]
-        if covering:
-            message += f"; the {' / '.join(covering)} release of this backbone covers it"
-        else:
-            message += "; no PiD release was trained for it (" + ", ".join(
-                f"{v}: {lo}..{hi} px" for v, (lo, hi) in VARIANT_SIDES.items()) + ")"
-    else:
-        message += "; re-export (or rebuild the engine) with a range that includes it"
-    raise DecodeError(message)
-
-
-def check_graph_limits(meta: ModelMetadata, latent_hw: Sequence[int], height: int, width: int) -> None:
-    """The latent and output sizes against what the exported graph itself takes (its traced bounds)."""
-    limits, patch = meta.limits, meta.patch_size
-    lat_h, lat_w = (int(v) for v in latent_hw)
-    if lat_h < 1 or lat_w < 1:
-        raise DecodeError(f"latents are {lat_h}x{lat_w} cells: a latent needs at least 1x1")
-    if max(lat_h, lat_w) > limits.max_latent_side:
-        raise DecodeError(f"latents are {lat_h}x{lat_w} cells but this export's graph takes at most "
-                          f"{limits.max_latent_side} per side")
-    top = limits.max_patches_side * patch
-    if max(height, width) > top:
-        raise DecodeError(f"output size {height}x{width} is beyond what this export's graph takes "
-                          f"(at most {top} px per side: {limits.max_patches_side} patches of {patch} px)")
 
 
 def _batched(values: Tensor, batch: int, what: str, latents_batch_text: str) -> Tensor:
@@ -300,12 +164,11 @@ def fixed_batch(meta: ModelMetadata) -> int | None:
 
 
 def profile_batch_range(backend: Backend) -> tuple[int, int] | None:
-    """(min, max) batch of the backend's engine profile (TensorRT's `profile_ranges`), else None."""
-    ranges = getattr(backend, "profile_ranges", None)
-    if isinstance(ranges, dict) and "x" in ranges:
-        low, high = ranges["x"]
-        return int(low[0]), int(high[0])
-    return None
+    """(min, max) batch of the backend's engine profile (`profile_ranges`), else None (any)."""
+    if backend.profile_ranges is None:
+        return None
+    low, high = backend.profile_ranges["x"]
+    return int(low[0]), int(high[0])
 
 
 def chunk_bounds(batch: int, batch_size: int | None, meta: ModelMetadata,
@@ -360,14 +223,6 @@ class _TimedNoise(Noise):
 
     def rows(self, lo: int, hi: int) -> Noise:
         return _TimedNoise(self.inner.rows(lo, hi), self.timings)
-
-
-def canvas_size_range(size_range: SizeRange | None, tile: TileSetting) -> SizeRange | None:
-    """The range the whole canvas must fit: when it may be tiled, tiles (not the canvas) must fit the
-    model's range, so only the smallest size still applies."""
-    if size_range is None or tile is None or tile == "off":
-        return size_range
-    return (size_range[0], (1 << 30, 1 << 30))
 
 
 def decode(backend: Backend, latents: Tensor, caption: Tensor, sigma: float | Sequence[float] | Tensor = 0.0,
@@ -434,12 +289,12 @@ def decode(backend: Backend, latents: Tensor, caption: Tensor, sigma: float | Se
 
     for chunk, (lo, hi) in enumerate(bounds):
         t0 = time.perf_counter()
-        velocity = backend.velocity
+        tiled: TiledVelocity | None = None
         if plan is None:
             backend.bind(inputs.caption[lo:hi].to(device), inputs.latents[lo:hi].to(device),
                          inputs.sigma[lo:hi].to(device), inputs.height, inputs.width)
         else:  # each tile binds its own crop; the sampler and its noise stay whole-canvas
-            velocity = TiledVelocity(backend, plan, inputs.caption[lo:hi], inputs.latents[lo:hi],
+            tiled = TiledVelocity(backend, plan, inputs.caption[lo:hi], inputs.latents[lo:hi],
                                      inputs.sigma[lo:hi], on_tile)
         _sync(device)
         timings.bind.append(time.perf_counter() - t0)
@@ -458,15 +313,12 @@ def decode(backend: Backend, latents: Tensor, caption: Tensor, sigma: float | Se
 
         result_rows = images[lo:hi]
         try:
-            own_loop = getattr(backend, "sample", None) if plan is None else None
-            if callable(own_loop):  # e.g. TensorRT: x in its bound buffer, optionally CUDA graphs
-                own_loop(source.rows(lo, hi), None, steps, on_step=record, out=result_rows)
-            else:
-                x_buffer = backend.input_buffer() if plan is None else None
-                if x_buffer is None:  # on the CPU x lives in the result itself: no copy at the end
-                    x_buffer = result_rows if device.type == "cpu" else torch.empty(
-                        result_rows.shape, dtype=torch.float32, device=device)
-                sample(velocity, source.rows(lo, hi), steps=steps, x_buffer=x_buffer,
+            if tiled is None:  # the backend's loop (TensorRT's: x in its bound buffer, optionally CUDA graphs)
+                backend.sample(source.rows(lo, hi), None, steps, on_step=record, out=result_rows)
+            else:  # tiles have no input buffer: x lives in the result on the CPU, else on the device
+                x_buffer = result_rows if device.type == "cpu" else torch.empty(
+                    result_rows.shape, dtype=torch.float32, device=device)
+                sample(tiled, source.rows(lo, hi), steps=steps, x_buffer=x_buffer,
                        on_step=record, out=result_rows)
                 del x_buffer
         except NonFiniteError as exc:  # e.g. an fp16 engine overflowing
@@ -481,10 +333,10 @@ def decode(backend: Backend, latents: Tensor, caption: Tensor, sigma: float | Se
 
 def model_file_bytes(backend: Backend) -> int:
     """Size of the model's weight files (ONNX and its external data), for a --max-memory budget."""
-    path = getattr(backend, "onnx_path", None)
+    path = backend.onnx_path
     if path is None:
         return 0
-    files = [Path(path), Path(f"{path}.data")]
+    files = [path, Path(f"{path}.data")]
     return sum(f.stat().st_size for f in files if f.is_file())
 
 
@@ -497,5 +349,7 @@ def format_timings(timings: DecodeTimings) -> str:
             f"{timings.noise * 1e3:.1f} ms, bind {sum(timings.bind) * 1e3:.1f} ms{chunks}")
 
 
-__all__ = ["DecodeError", "DecodeInputs", "DecodeResult", "DecodeTimings", "check_inputs", "decode",
+# The size checks live in pid_runtime.sizes; these names are importable from here as before.
+__all__ = ["DecodeError", "DecodeInputs", "DecodeResult", "DecodeTimings", "SizeRange", "aspect_ratio_range",
+           "canvas_size_range", "check_graph_limits", "check_inputs", "check_output_size", "decode", "fixed_batch",
            "format_timings", "native_size", "output_size", "profile_batch_range", "supported_size_range"]

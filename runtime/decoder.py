@@ -28,7 +28,7 @@ from .caption import find_empty_caption, load_encoder, default_caption_model, re
 from .decode import DecodeTimings, decode
 from .decode_args import check_decode_args
 from .io import pixel_rows
-from .latents import LatentError, backbone_of_release, check_backbone_fits, from_pipeline, to_training_frame
+from .latents import LatentError, check_backbone_fits, from_pipeline, to_training_frame
 from .sampler import MAX_STEPS
 from .tiling import TileSetting
 
@@ -45,7 +45,7 @@ class PidDecoder:
         self.model_path = Path(model_path)
         self.caption_model = caption_model
         self.notify = notify or (lambda message: None)
-        self.backbone = backbone or backbone_of_release(backend.meta.release)
+        self.backbone = backbone or backend.meta.backbone  # the export's own, when it records one
         if self.backbone is not None:
             check_backbone_fits(backend.meta, self.backbone)
         self.last_timings: DecodeTimings | None = None

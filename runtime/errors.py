@@ -1,6 +1,10 @@
-"""Turning a library's exception into the one line a user sees."""
+"""Turning a library's exception into the one line a user sees, and the decode's own error."""
 
 from __future__ import annotations
+
+
+class DecodeError(ValueError):
+    """Inputs that do not fit the model or each other (the message says what to change)."""
 
 
 def first_line(exc: BaseException, limit: int = 300) -> str:

@@ -38,7 +38,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -50,6 +49,7 @@ from torch import Tensor
 from .errors import first_line
 from .io import atomic_write
 from .metadata import ModelMetadata
+from .sizes import parse_hw
 
 
 class LatentError(ValueError):
@@ -129,19 +129,10 @@ def layout_for(backbone: str) -> LatentLayout:
     return layout
 
 
-_RELEASE_BACKBONE = re.compile(r"_official_([a-z0-9]+)_distill")
-
-
-def backbone_of_release(release: str | None) -> str | None:
-    """`flux2` from `PiD_v1pt5_res2kto4k_sr4x_official_flux2_distill_4step`; None when unknown."""
-    match = _RELEASE_BACKBONE.search((release or "").lower())
-    return match.group(1) if match and match.group(1) in LAYOUTS else None
-
-
 def check_backbone_fits(meta: ModelMetadata, backbone: str) -> LatentLayout:
     """The backbone's layout, if an export with `meta` decodes its latents; LatentError otherwise."""
     layout = layout_for(backbone)
-    released_for = backbone_of_release(meta.release)
+    released_for = meta.backbone  # recorded at export time (None: a custom network, or an older export)
     if released_for is not None and released_for != layout.backbone:
         raise LatentError(f"this export ({meta.release}) decodes {released_for} latents, not "
                           f"{_named(backbone, layout)} latents: export the {layout.backbone} release for them")
@@ -395,10 +386,10 @@ def to_training_frame(latents: Tensor, sigma: SigmaLike, backbone: str) -> tuple
 
 def parse_image_size(text: str) -> tuple[int, int]:
     """`1024x768` (height x width) -> (1024, 768)."""
-    parts = text.lower().replace(" ", "").split("x")
-    if len(parts) != 2 or not all(part.isdigit() and int(part) > 0 for part in parts):
-        raise LatentError(f"image size {text!r} is not HEIGHTxWIDTH in pixels (e.g. 1024x768)")
-    return int(parts[0]), int(parts[1])
+    try:
+        return parse_hw(text)
+    except ValueError as exc:
+        raise LatentError(f"image size {exc}") from None
 
 
 def from_pipeline_array(array: Tensor, backbone: str, size: tuple[int, int] | None = None,
@@ -433,5 +424,5 @@ def pipeline_latents_for_cli(path: str | os.PathLike[str], backbone: str, model_
 
 
 __all__ = ["ALIASES", "BACKBONE_NAMES", "LAYOUTS", "BatchNormStats", "LatentError", "LatentLayout",
-           "as_bn_stats", "backbone_of_release", "check_backbone_fits", "from_pipeline", "from_pipeline_array",
+           "as_bn_stats", "check_backbone_fits", "from_pipeline", "from_pipeline_array",
            "layout_for", "parse_image_size", "pipeline_latents_for_cli", "to_training_frame"]

@@ -88,6 +88,13 @@ class ModelMetadata:
     accuracy_guard: dict[str, Any] | None = None
     # What the graph takes (None: an export made before they were recorded; see `limits`).
     graph_limits: GraphLimits | None = None
+    # The release's registry entry, recorded at export time so the runtime needs no registry of
+    # its own: backbone and variant (None: a custom network, or an export made before they were
+    # recorded), and {variant: [shortest, longest] trained side in px} of every released variant
+    # of that backbone, which names the release to use for a size outside this one's range.
+    backbone: str | None = None
+    variant: str | None = None
+    variant_sides: dict[str, list[int]] = field(default_factory=dict)
 
     @property
     def limits(self) -> GraphLimits:

@@ -56,6 +56,12 @@ def _graph_limits(value: Any) -> str | None:
     return None if ok else "{" + ", ".join(f'"{n}": positive integer' for n in names) + "}"
 
 
+def _variant_sides(value: Any) -> str | None:
+    ok = isinstance(value, dict) and all(isinstance(k, str) and _size(v) is None and v[0] <= v[1]
+                                         for k, v in value.items())
+    return None if ok else "{variant: [shortest side, longest side]}, positive integers, shortest first"
+
+
 FIELDS: dict[str, Check] = {
     "release": _optional(_of_type(str, "a release name (string) or null")),
     "latent_channels": _positive_int,
@@ -77,6 +83,9 @@ FIELDS: dict[str, Check] = {
     "quantization": _optional(_of_type(dict, "an object or null")),
     "accuracy_guard": _optional(_of_type(dict, "an object or null")),
     "graph_limits": _optional(_graph_limits),
+    "backbone": _optional(_of_type(str, "a backbone name (string) or null")),
+    "variant": _optional(_of_type(str, "a variant name (string) or null")),
+    "variant_sides": _variant_sides,
 }
 # Network fields the runtime reads (the rest only documents the export).
 NETWORK_FIELDS: dict[str, Check] = {"patch_size": _positive_int}

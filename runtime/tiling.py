@@ -41,9 +41,9 @@ from torch import Tensor
 from .backends.base import Backend
 from .memory import GIB, MemoryEstimate, available_memory, estimate_decode_memory, gib
 from .metadata import ModelMetadata
+from .sizes import SizeRange, parse_hw
 
 TileSetting = Union[str, tuple[int, int], tuple[int, int, int], None]  # "auto" | "off" | None | (h, w[, overlap])
-SizeRange = tuple[tuple[int, int], tuple[int, int]]
 DEFAULT_OVERLAP = 256  # px; capped at a quarter of the tile side
 
 
@@ -163,15 +163,16 @@ def parse_tile(text: str) -> TileSetting:
     value = text.strip().lower()
     if value in ("auto", "off"):
         return value
-    size, _, overlap = value.partition(":")
-    parts = size.split("x")
+    size, colon, overlap = value.partition(":")
     try:
-        numbers = [int(p) for p in parts] + ([int(overlap)] if overlap else [])
+        height, width = parse_hw(size)
+        if not colon:
+            return height, width
+        if not overlap.strip().isdigit():  # int() would take "-1" and "+1"
+            raise ValueError(overlap)
+        return height, width, int(overlap)
     except ValueError:
-        numbers = []
-    if len(parts) != 2 or not numbers or min(numbers[:2]) <= 0 or (overlap and numbers[2] < 0):
-        raise TilingError(f"--tile {text!r} is not auto, off, HxW or HxW:OVERLAP (pixels), e.g. 2048x2048:256")
-    return tuple(numbers)  # type: ignore[return-value]
+        raise TilingError(f"--tile {text!r} is not auto, off, HxW or HxW:OVERLAP (pixels), e.g. 2048x2048:256") from None
 
 
 # ---------------------------------------------------------------------------

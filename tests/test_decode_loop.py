@@ -152,6 +152,37 @@ def test_profile_min_batch_above_a_chunk_is_a_clear_error():
 
 
 # ---------------------------------------------------------------------------
+# The backend contract: what decode asks of a backend is declared on Backend (issue 20)
+
+
+class OwnLoop(StandInBackend):
+    """A backend with its own whole-decode loop (as TensorRT's, which keeps x in its bound buffer)."""
+
+    def __init__(self):
+        super().__init__()
+        self.own_loops = 0
+
+    def sample(self, noise, eps=None, steps=4, on_step=None, out=None):
+        self.own_loops += 1
+        return super().sample(noise, eps, steps, on_step=on_step, out=out)
+
+
+def test_decode_runs_a_backends_own_loop_and_the_declared_defaults():
+    plain = StandInBackend()
+    assert plain.profile_ranges is None and plain.onnx_path is None  # declared: any size, no ONNX on the host
+    own = OwnLoop()
+    lat = latents(3)
+    result = decode(own, lat, CAPTION, seed=5, steps=4, batch_size=2)
+    assert own.own_loops == 2  # once per chunk
+    assert torch.equal(result.images, decode(plain, lat, CAPTION, seed=5, steps=4).images)
+    assert len(result.timings.steps[0]) == 4  # its steps are still timed and reported
+    # A tiled decode binds tile by tile, so the backend's own loop (one bound shape) is not used.
+    own.own_loops = 0
+    tiled = decode(own, latents(1), CAPTION, seed=5, steps=2, tile=(32, 64, 0))
+    assert own.own_loops == 0 and tiled.images.shape == (1, 3, *SIZE)
+
+
+# ---------------------------------------------------------------------------
 # NaN / Inf: each step's network output, before any clamp (issue 10, fix 2)
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from pid_export import releases
-from pid_runtime.latents import (ALIASES, BACKBONE_NAMES, LAYOUTS, BatchNormStats, LatentError, backbone_of_release,
+from pid_runtime.latents import (ALIASES, BACKBONE_NAMES, LAYOUTS, BatchNormStats, LatentError, check_backbone_fits,
                                  from_pipeline, layout_for, parse_image_size, to_training_frame)
 
 diffusers = pytest.importorskip("diffusers", reason="the packing reference: pip install 'pid-export[diffusers]'")
@@ -48,9 +48,44 @@ def test_layout_table_agrees_with_the_release_registry():
         assert layout.backbone == releases.canonical_backbone(name)
         assert (layout.channels, layout.down_factor) == (info.latent_channels, info.latent_down_factor), name
     for release in releases.all_releases():
-        assert backbone_of_release(release.name) == release.backbone
         assert release.latent_channels == LAYOUTS[release.backbone].channels
-    assert backbone_of_release(None) is None and backbone_of_release("my_custom_net") is None
+
+
+def export_metadata(release):
+    """pid_export.json as the exporter writes it for `release` (a registry entry, a custom network's
+    registry-like description, or None), from the real network built on the meta device (no weights)."""
+    from pid_export.network import PidNet
+    from pid_export.onnx_export import _metadata
+
+    network = release.network if isinstance(release, releases.Release) else releases.get_release("sd3", "2k").network
+    with torch.device("meta"):
+        net = PidNet(network)
+    return _metadata(net, release, "bf16", 23, None, None, [], [])
+
+
+def test_every_release_export_names_its_backbone_and_the_runtime_holds_latents_to_it():
+    """The runtime knows an export's backbone from its metadata (written from the registry), not from its name."""
+    for release in releases.all_releases():
+        meta = export_metadata(release)
+        assert (meta.backbone, meta.variant) == (release.backbone, release.variant)
+        assert check_backbone_fits(meta, release.backbone).backbone == release.backbone
+        same_layout = [b for b, layout in LAYOUTS.items() if b != release.backbone
+                       and (layout.channels, layout.down_factor) == (meta.latent_channels, meta.latent_down_factor)]
+        for other in same_layout:  # e.g. sd3 latents for the flux release: same shape, another latent space
+            with pytest.raises(LatentError, match=f"decodes {release.backbone} latents, not {other}"):
+                check_backbone_fits(meta, other)
+
+
+def test_a_custom_network_export_names_no_backbone():
+    class CustomRelease:  # registry-like, as the demo's built-in model: a name and sizes, no backbone
+        name = "my_custom_net"
+        trained_sizes = ((256, 256),)
+        min_size = max_size = (256, 256)
+
+    for release in (None, CustomRelease()):
+        meta = export_metadata(release)
+        assert meta.backbone is None and meta.variant is None and meta.variant_sides == {}
+        assert check_backbone_fits(meta, "sd3").backbone == "sd3"  # only the latent layout is checked
 
 
 # ---------------------------------------------------------------------------

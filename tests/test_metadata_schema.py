@@ -36,6 +36,17 @@ def test_an_export_made_before_limits_were_recorded_gets_the_bounds_it_was_trace
     assert ModelMetadata.load(path).limits == LEGACY_GRAPH_LIMITS
 
 
+def test_an_export_made_before_backbone_and_variant_were_recorded_loads_without_them(tmp_path):
+    meta = ModelMetadata.load(write(tmp_path, release="PiD_res2k_sr4x_official_flux_distill_4step"))
+    assert meta.backbone is None and meta.variant is None and meta.variant_sides == {}
+
+
+def test_recorded_backbone_variant_and_sides_load_back(tmp_path):
+    sides = {"2k": [1536, 2688], "2kto4k": [1536, 4096]}
+    meta = ModelMetadata.load(write(tmp_path, backbone="sd3", variant="2k", variant_sides=sides))
+    assert (meta.backbone, meta.variant, meta.variant_sides) == ("sd3", "2k", sides)
+
+
 def test_recorded_limits_are_the_bounds_the_exporter_traces_with():
     from pid_export import onnx_export
 
@@ -62,6 +73,11 @@ def test_recorded_limits_are_the_bounds_the_exporter_traces_with():
     ("inputs", {"x": 1}, "list of"),
     ("graph_limits", {"max_batch": 0, "max_latent_side": 1, "max_patches_side": 1}, "positive integer"),
     ("graph_limits", [64], "positive integer"),
+    ("backbone", 3, "backbone name"),
+    ("variant", ["2k"], "variant name"),
+    ("variant_sides", {"2k": [2688, 1536]}, "shortest first"),  # would name no release for any size
+    ("variant_sides", {"2k": [1536]}, "[shortest side, longest side]"),
+    ("variant_sides", [[1536, 2688]], "{variant:"),
 ])
 def test_a_wrong_type_or_value_is_one_line_naming_the_field_and_the_file(field, value, want, tmp_path):
     path = write(tmp_path, **{field: value})

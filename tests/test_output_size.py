@@ -373,6 +373,29 @@ def test_size_range_applies_to_the_requested_size():
         _check(_meta(), (36, 64), (1152, 2048), size_range=size_range)
 
 
+def test_a_size_outside_the_range_names_the_release_that_covers_it_from_the_export_metadata():
+    """The hint comes from the backbone's variants the export recorded, not from a table in the runtime."""
+    from pid_export.releases import variant_sides
+
+    def recorded(backbone: str, variant: str) -> ModelMetadata:
+        sides = {v: list(s) for v, s in variant_sides(backbone).items()}
+        return _meta(backbone=backbone, variant=variant, variant_sides=sides)
+
+    two_k = ((1536, 1536), (2688, 2688))
+    with pytest.raises(DecodeError, match=r"2688x2688, the 2k variant\); the 2kto4k release of this backbone"):
+        _check(recorded("sd3", "2k"), (120, 120), (3840, 3840), size_range=two_k)
+    # SDXL has only a 2kto4k release: a 2kto4k-engine range too narrow names no "2k release".
+    with pytest.raises(DecodeError, match="re-export .* with a range that includes it") as info:
+        _check(recorded("sdxl", "2kto4k"), (120, 120), (3840, 3840), size_range=two_k)
+    assert "2k release" not in str(info.value)
+    with pytest.raises(DecodeError, match=r"no PiD release of this backbone was trained for it \(2k: 1536..2688 px\)"):
+        _check(recorded("dinov2", "2k"), (120, 120), (3840, 3840), size_range=two_k)
+    # An export made before these were recorded (or a custom network): the way out is a wider range.
+    with pytest.raises(DecodeError, match="re-export .* with a range that includes it"):
+        _check(_meta(release="PiD_res2k_sr4x_official_sd3_distill_4step"), (120, 120), (3840, 3840),
+               size_range=two_k)
+
+
 def test_export_without_free_sizes_refuses_other_sizes():
     old = _meta(any_output_size=False)
     _check(old, (2, 3), (64, 96))  # its native size is fine

@@ -168,8 +168,10 @@ def test_latent_channels_not_matching_the_model(export_dir, io_dir, capfd):
 
 
 def test_output_size_outside_the_exports_range_names_the_variant(export_dir, io_dir, capfd):
+    # What pid-export records for the flux/2k release (its backbone's variants from the registry).
     export = edited_export(export_dir, io_dir, release="PiD_res2k_sr4x_official_flux_distill_4step",
-                           min_size=[1536, 1536], max_size=[2688, 2688])
+                           min_size=[1536, 1536], max_size=[2688, 2688], backbone="flux", variant="2k",
+                           variant_sides={"2k": [1536, 2688], "2kto4k": [1536, 4096], "2kto4k-v1.5": [1536, 4096]})
     np.save(io_dir / "lat4k.npy", np.zeros((1, 16, 120, 120), np.float32))  # 3840x3840 px
     code, _, err = run([export, io_dir / "lat4k.npy", "--caption-embeds", io_dir / "y.npy",
                         "--out", io_dir / "out" / "o.png", "--tile", "off"], capfd)  # auto would tile it

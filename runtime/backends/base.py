@@ -3,16 +3,32 @@
 A backend wraps one exported PiD network (ONNX Runtime session, TensorRT
 engine, ...). The decode loop (`pid_runtime.sampler.sample`) only sees
 `velocity(x, t)`; per-decode constant inputs are bound once with `bind`.
+
+What `pid_runtime.decode` asks of a backend is declared here, with defaults that
+mean "nothing special", so the decode never probes for attributes:
+    profile_ranges   the input shapes it accepts (an engine's profiles; None: any the graph takes)
+    onnx_path        the ONNX file whose weights it holds on the host (None: none)
+    sample           the whole sampler loop for the bound inputs (TensorRT overrides it)
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
 from torch import Tensor
 
 from ..metadata import ModelMetadata
+from ..sampler import MAX_STEPS, sample
+from ..signature import Shape
+
+if TYPE_CHECKING:
+    from ..sampler import Noise
+
+# Per input name: (min shape, max shape) that some optimization profile accepts.
+ProfileRanges = dict[str, tuple[Shape, Shape]]
 
 
 class BackendError(RuntimeError):
@@ -25,6 +41,10 @@ class OutOfDeviceMemory(BackendError):
 
 class Backend(ABC):
     name: str = "base"
+    # None: any shape the exported graph takes (its own limits are in the metadata).
+    profile_ranges: ProfileRanges | None = None
+    # The ONNX model run from the host, whose weight files count toward a --max-memory budget.
+    onnx_path: Path | None = None
 
     def __init__(self, meta: ModelMetadata, device: torch.device):
         self.meta = meta
@@ -45,6 +65,18 @@ class Backend(ABC):
     def input_buffer(self) -> Tensor | None:
         """A device tensor the sampler may keep x in, so `velocity` needs no copy (TensorRT)."""
         return None
+
+    def sample(self, noise: "Tensor | Noise", eps: Sequence[Tensor] | Tensor | None = None, steps: int = MAX_STEPS,
+               on_step: Callable[[int, float], None] | None = None, out: Tensor | None = None) -> Tensor:
+        """The sampler loop over `velocity` for the bound inputs (arguments: `pid_runtime.sampler.sample`).
+
+        x lives in `input_buffer()` when there is one (the network reads it without a copy); on
+        the CPU, in `out` itself, so the result needs no copy at the end either.
+        """
+        x_buffer = self.input_buffer()
+        if x_buffer is None and out is not None and out.device.type == self.device.type == "cpu":
+            x_buffer = out
+        return sample(self.velocity, noise, eps, steps, x_buffer=x_buffer, on_step=on_step, out=out)
 
     def close(self) -> None:
         """Release what `bind` allocated. The backend stays usable: a later `bind` allocates again

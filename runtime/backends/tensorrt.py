@@ -153,6 +153,8 @@ class TensorRTBackend(Backend):
                 self._refit(engine, plan_path.parent / engine_meta.onnx_name)  # a plain name: checked on load
             self._engine = engine
             self._dtypes, self._profiles = self._read_io(engine)
+            # Per input: (min shape, max shape) over all optimization profiles (what some profile accepts).
+            self.profile_ranges = union_ranges(self._profiles)
             self._library_captures = cuda_graph and lib.has_whole_graph_capture
             self._context = self._create_context(engine)
             self._stream = torch.cuda.Stream(dev)
@@ -277,11 +279,6 @@ class TensorRTBackend(Backend):
                 shapes[name] = (dims_tuple(low), dims_tuple(opt), dims_tuple(high))
             profiles.append(shapes)
         return dtypes, profiles
-
-    @property
-    def profile_ranges(self) -> dict[str, tuple[Shape, Shape]]:
-        """Per input: (min shape, max shape) over all optimization profiles (what some profile accepts)."""
-        return union_ranges(self._profiles)
 
     # -- binding ----------------------------------------------------------
     @on_own_device

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from ..errors import first_line
+from ..sizes import parse_hw
 from ..tiling import TileSetting, TilingError, parse_tile
 
 ACCEPTED_TYPES = ("application/octet-stream", "application/x-npy", "application/x-npz",
@@ -47,10 +48,10 @@ class DecodeQuery:
 
 
 def _size(text: str, name: str) -> tuple[int, int]:
-    parts = text.lower().split("x")
-    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
-        raise HttpError(422, f"{name} must be HxW (e.g. 1024x1024), got {text!r}")
-    return int(parts[0]), int(parts[1])
+    try:
+        return parse_hw(text)
+    except ValueError as exc:
+        raise HttpError(422, f"{name}: {exc}") from None
 
 
 def parse_query(params: dict[str, str]) -> DecodeQuery:
