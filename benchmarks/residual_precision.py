@@ -28,6 +28,7 @@ import torch
 from pid_export import PidConfig, PidNet, get_release
 from pid_export.precision import apply_precision
 from pid_export.synthetic import synthetic_state_dict
+from pid_runtime.sizes import parse_hw
 
 OUTLIER_CHANNELS = (7, 311, 1024, 2000)  # arbitrary fixed channels, scaled to ~1e3 like Gemma-2's outliers
 
@@ -70,7 +71,10 @@ def main(release: str, size: str, timesteps: str, parts: str, out: str | None) -
         cfg = PidConfig.from_dict(data.get("network", data))
     else:
         cfg = get_release(*release.split("/")).network
-    hw = tuple(int(v) for v in size.lower().split("x"))
+    try:
+        hw = parse_hw(size)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="'--size'") from None
     inputs = [make_inputs(cfg, hw, float(t), seed=i) for i, t in enumerate(timesteps.split(","))]
     state = synthetic_state_dict(cfg, prefix="", with_aux_head=False)
     rows: list[dict] = []
@@ -107,9 +111,8 @@ def main(release: str, size: str, timesteps: str, parts: str, out: str | None) -
                time.perf_counter() - start)
         del net
 
-    import onnxruntime as ort
-
     from pid_export.onnx_export import export_onnx
+    from pid_runtime.backends.onnxruntime import create_session
     from pid_runtime.metadata import INPUT_NAMES
 
     for float32_residuals in (False, True) if "fp16" in wanted else ():
@@ -119,7 +122,7 @@ def main(release: str, size: str, timesteps: str, parts: str, out: str | None) -
                                  float32_residuals=float32_residuals)
             click.echo(f"fp16 export ({'float32' if float32_residuals else '16-bit'} residuals): "
                        f"{time.perf_counter() - start:.0f} s")
-            session = ort.InferenceSession(str(result.onnx_path), providers=["CPUExecutionProvider"])
+            session = create_session(result.onnx_path, torch.device("cpu"))
             start = time.perf_counter()
             outputs = [torch.from_numpy(session.run(None, {n: v.numpy() for n, v in zip(INPUT_NAMES, inp)})[0])
                        for inp in inputs]

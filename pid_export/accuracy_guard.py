@@ -168,15 +168,15 @@ class OnnxVelocity:
     """velocity(x, t, item) of an exported graph in ONNX Runtime (CPU), low precision widened."""
 
     def __init__(self, onnx_path: Path, workdir: Path):
-        import onnxruntime as ort
+        from pid_runtime.backends.base import BackendError
+        from pid_runtime.backends.onnxruntime import create_session
 
         widened = workdir / f"{Path(onnx_path).parent.name}-widened.onnx"
         save_model(widen_model(onnx.load(str(onnx_path))), widened)
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        # Q/DQ as written (fake quantisation), not fused into ORT's integer/FP8 kernels.
-        options.add_session_config_entry("session.disable_quant_qdq", "1")
-        self.session = ort.InferenceSession(str(widened), options, providers=["CPUExecutionProvider"])
+        try:  # Q/DQ as written (fake quantisation), not fused into ORT's integer/FP8 kernels
+            self.session = create_session(widened, torch.device("cpu"), fuse_qdq=False, name=onnx_path)
+        except BackendError as exc:
+            raise CalibrationError(f"the accuracy guard cannot run {onnx_path}: {exc}") from None
 
     def __call__(self, x: Tensor, t: Tensor, item: CalibrationItem) -> Tensor:
         feeds = dict(zip(INPUT_NAMES, (x.cpu().numpy(), t.cpu().numpy(), item.caption.numpy(),

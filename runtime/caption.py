@@ -251,14 +251,18 @@ class OnnxCaptionEncoder:
         self._hidden_size = int(settings["hidden_size"])
 
     @classmethod
-    def load(cls, directory: str | os.PathLike[str], providers: Sequence[str] | None = None) -> "OnnxCaptionEncoder":
+    def load(cls, directory: str | os.PathLike[str], device: str | torch.device | None = None) -> "OnnxCaptionEncoder":
+        """The exported encoder in `directory`, on `device` (default: a GPU when ONNX Runtime has its CUDA provider)."""
+        from .backends.base import BackendError
+        from .backends.onnxruntime import create_session, session_device
+
         directory = Path(directory)
         try:
             settings = json.loads((directory / ONNX_ENCODER_METADATA).read_text())
         except (OSError, json.JSONDecodeError) as exc:
             raise CaptionError(f"cannot read the caption encoder settings in {directory}: {first_line(exc).rstrip('.')}") from None
         try:
-            import onnxruntime
+            import onnxruntime  # noqa: F401  (checked here to name both missing packages at once)
             from tokenizers import Tokenizer
         except ImportError:
             raise CaptionError(f"the exported caption encoder needs onnxruntime and tokenizers: {INSTALL_HINT}") from None
@@ -271,9 +275,10 @@ class OnnxCaptionEncoder:
         length = int(settings["max_length"])
         tokenizer.enable_padding(direction="right", pad_id=settings["pad_id"], pad_token=settings["pad_token"], length=length)
         tokenizer.enable_truncation(length, direction="right")
-        available = onnxruntime.get_available_providers()
-        chosen = list(providers) if providers else [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
-        session = onnxruntime.InferenceSession(str(directory / ONNX_ENCODER_NAME), providers=chosen)
+        try:
+            session = create_session(directory / ONNX_ENCODER_NAME, session_device(device))
+        except BackendError as exc:
+            raise CaptionError(str(exc)) from None
         return cls(session, tokenizer, settings)
 
     @property

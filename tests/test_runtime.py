@@ -146,6 +146,33 @@ def test_open_backend_routes_by_path(export_dir, tmp_path):
         open_backend(export_dir, cuda_graph=True)
 
 
+def test_one_onnxruntime_session_setup(export_dir, tmp_path):
+    """create_session is what the backend, --verify's reference and the FP8 guard use: the providers for the
+    device, the thread setting, and a load failure as one BackendError line."""
+    from pid_runtime.backends.onnxruntime import create_session, session_device
+
+    cpu = torch.device("cpu")
+    session = create_session(export_dir / "model.onnx", cpu, threads=1)
+    assert session.get_providers() == ["CPUExecutionProvider"]
+    assert session.get_session_options().intra_op_num_threads == 1
+    assert sorted(i.name for i in session.get_inputs()) == sorted(["x", "t", "y", "lq_latent", "degrade_sigma"])
+    assert session_device("cpu") == cpu
+    with pytest.raises(BackendError, match="threads must be at least 1"):
+        create_session(export_dir / "model.onnx", cpu, threads=0)
+    with pytest.raises(BackendError, match="threads must be at least 1"):
+        OnnxRuntimeBackend(export_dir / "model.onnx", device="cpu", threads=0)
+    damaged = tmp_path / "damaged.onnx"
+    damaged.write_bytes(b"not a protobuf")
+    with pytest.raises(BackendError) as info:
+        create_session(damaged, cpu)
+    assert str(info.value).startswith(f"ONNX Runtime cannot load {damaged}: ") and "\n" not in str(info.value)
+    import onnxruntime
+
+    if torch.cuda.is_available() and "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+        with pytest.raises(BackendError, match="needs ONNX Runtime's CUDA provider"):
+            session_device("cuda")
+
+
 def _engine_dir(export_dir, tmp_path):
     with_engine = tmp_path / "exp"
     shutil.copytree(export_dir, with_engine)

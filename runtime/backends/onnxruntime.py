@@ -35,52 +35,82 @@ IN_MEMORY_LIMIT = 1 << 30
 GPU_HINT = "pip install 'pid-export[gpu]' (onnxruntime-gpu)"
 
 
+def onnxruntime_module() -> Any:
+    """The `onnxruntime` module, or a BackendError saying how to install it."""
+    try:
+        import onnxruntime as ort
+    except ModuleNotFoundError:
+        raise BackendError("ONNX Runtime is not installed: pip install onnxruntime (or onnxruntime-gpu)") from None
+    return ort
+
+
+def session_device(device: str | torch.device | None = None) -> torch.device:
+    """Where an ONNX Runtime session runs: None/"auto" is the current CUDA device when ONNX Runtime
+    has its CUDA provider (and torch a GPU), else the CPU; a CUDA device without the provider is refused."""
+    has_cuda_provider = CUDA_PROVIDER in onnxruntime_module().get_available_providers()
+    if device is None or str(device) == "auto":
+        return resolve_device("auto") if has_cuda_provider else torch.device("cpu")
+    run_device = resolve_device(device)
+    if run_device.type == "cuda" and not has_cuda_provider:
+        raise BackendError(f"device {device} needs ONNX Runtime's CUDA provider: {GPU_HINT}")
+    return run_device
+
+
+def create_session(model: str | os.PathLike[str] | bytes, device: torch.device, *, threads: int | None = None,
+                   fuse_qdq: bool = True, name: str | os.PathLike[str] | None = None) -> Any:
+    """The one ONNX Runtime session set-up of the project (pid-run, --verify's reference, the FP8 guard).
+
+    `model`: a file, or a serialized model. `device` (see `session_device`): the CUDA provider on
+    that GPU with the CPU's after it, or the CPU's alone. Logging is errors only (shape-inference
+    chatter would drown the timings). `threads`: intra-op threads (default: ONNX Runtime's
+    choice, all cores; a serving replica sets its share) and one inter-op thread.
+    `fuse_qdq=False` runs Q/DQ pairs as written (fake quantisation) instead of fusing them into
+    ONNX Runtime's integer/FP8 kernels. `name` is the model in messages (default: `model`).
+    A failure is one BackendError line.
+    """
+    ort = onnxruntime_module()
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if threads is not None:
+        if threads < 1:
+            raise BackendError(f"threads must be at least 1, got {threads}")
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    if not fuse_qdq:
+        options.add_session_config_entry("session.disable_quant_qdq", "1")
+    if device.type == "cuda":
+        providers: list[Any] = [(CUDA_PROVIDER, {"device_id": device.index or 0}), "CPUExecutionProvider"]
+    else:
+        providers = ["CPUExecutionProvider"]
+    source = model if isinstance(model, bytes) else str(model)
+    try:
+        return ort.InferenceSession(source, options, providers=providers)
+    except Exception as exc:  # onnxruntime raises its own pybind types (InvalidProtobuf, Fail, ...)
+        shown = name if name is not None else ("the model" if isinstance(model, bytes) else model)
+        raise BackendError(f"ONNX Runtime cannot load {shown}: {first_line(exc)}") from None
+
+
 class OnnxRuntimeBackend(Backend):
     name = "onnxruntime"
+    onnx_path: Path  # always set: the model this backend runs
 
     def __init__(self, onnx_path: str | os.PathLike[str], device: str | torch.device | None = None,
                  threads: int | None = None):
         """`threads`: ONNX Runtime's intra-op threads (default: its own choice, all cores); a serving
         replica or batch actor sets its share of the cores so replicas do not oversubscribe them."""
-        try:
-            import onnxruntime as ort
-        except ModuleNotFoundError:
-            raise BackendError("ONNX Runtime is not installed: pip install onnxruntime (or onnxruntime-gpu)") from None
-
-        self._ort = ort
+        self._ort = onnxruntime_module()
         self.onnx_path = Path(onnx_path)
         meta = load_model_metadata(self.onnx_path)
-        has_cuda_provider = CUDA_PROVIDER in ort.get_available_providers()
-        if device is None or str(device) == "auto":
-            run_device = resolve_device("auto") if has_cuda_provider else torch.device("cpu")
-        else:
-            run_device = resolve_device(device)
-            if run_device.type == "cuda" and not has_cuda_provider:
-                raise BackendError(f"device {device} needs ONNX Runtime's CUDA provider: {GPU_HINT}")
-        super().__init__(meta, run_device)
-
-        options = ort.SessionOptions()
-        options.log_severity_level = 3  # errors only: shape-inference chatter would drown the timings
-        if threads is not None:
-            if threads < 1:
-                raise BackendError(f"threads must be at least 1, got {threads}")
-            options.intra_op_num_threads = threads
-            options.inter_op_num_threads = 1
-        if run_device.type == "cuda":
-            providers: list = [(CUDA_PROVIDER, {"device_id": run_device.index or 0}), "CPUExecutionProvider"]
-        else:
-            providers = ["CPUExecutionProvider"]
+        super().__init__(meta, session_device(device))
         self._workdir: tempfile.TemporaryDirectory[str] | None = None
-        self.widened = run_device.type == "cpu" and has_low_precision(self.onnx_path)
+        self.widened = self.device.type == "cpu" and has_low_precision(self.onnx_path)
         try:
-            model: Any = str(self.onnx_path)
-            if self.widened:
-                model = self._widened_source()
-            self.session = ort.InferenceSession(model, options, providers=providers)
+            model = self._widened_source() if self.widened else self.onnx_path
         except BackendError:
             raise
-        except Exception as exc:  # onnxruntime raises its own pybind types (InvalidProtobuf, Fail, ...)
+        except Exception as exc:  # onnx's own errors on a damaged file or its weights
             raise BackendError(f"ONNX Runtime cannot load {self.onnx_path}: {first_line(exc)}") from None
+        self.session = create_session(model, self.device, threads=threads, name=self.onnx_path)
         names = [i.name for i in self.session.get_inputs()]
         outputs = [o.name for o in self.session.get_outputs()]
         if sorted(names) != sorted(INPUT_NAMES) or list(outputs) != list(OUTPUT_NAMES):
@@ -91,6 +121,7 @@ class OnnxRuntimeBackend(Backend):
         self._out: Tensor | None = None
 
     def _widened_source(self) -> bytes | str:
+        """The model widened to float32: serialized, or a file in the backend's own temporary directory."""
         import onnx
 
         model = widened_model(onnx.load(str(self.onnx_path)))
