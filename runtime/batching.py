@@ -25,10 +25,10 @@ import torch
 from torch import Tensor
 
 from .backends.base import Backend, BackendError
-from .decode import (DecodeError, DecodeInputs, canvas_size_range, check_inputs, decode, fixed_batch, profile_batch_range,
-                     supported_size_range)
+from .decode import DecodeError, DecodeInputs, check_inputs, decode, fixed_batch, profile_batch_range
 from .errors import first_line
 from .sampler import MAX_STEPS, Noise, SeededNoise
+from .sizes import canvas_size_range, supported_size_range
 from .tiling import TileSetting
 
 DEFAULT_MAX_BATCH = 8  # ONNX Runtime has no profile; beyond a few items a batch gains little on a CPU

@@ -15,8 +15,7 @@ import click
 import torch
 
 from .backends import BackendError, load_model_metadata, open_backend, preflight
-from .decode import (DecodeError, canvas_size_range, check_inputs, decode, format_timings, output_size,
-                     profile_batch_range)
+from .decode import DecodeError, check_inputs, decode, format_timings, profile_batch_range
 from .io import InputError, check_output_path, load_caption, load_latents, load_noise, write_output
 from .latents import BACKBONE_NAMES, LatentError, pipeline_latents_for_cli
 from .metadata import EMPTY_CAPTION_NAME, MetadataError
@@ -25,7 +24,7 @@ from .preflight import (LatentPlan, check_caption_header, check_latents_header, 
                         check_pipeline_latents_header, check_seed, export_size_range)
 from .sampler import MAX_STEPS, timesteps
 from .signals import Signalled, signals_as_exception
-from .sizes import parse_hw
+from .sizes import canvas_size_range, output_size, parse_hw
 from .tiling import TileSetting, TilingError, parse_tile
 
 PROG = "pid-run"

@@ -29,8 +29,7 @@ from .backends.base import Backend
 from .errors import DecodeError
 from .metadata import ModelMetadata
 from .sampler import MAX_STEPS, FixedNoise, Noise, NonFiniteError, SeededNoise, num_renoise, sample
-from .sizes import (SizeRange, aspect_ratio_range, canvas_size_range, check_graph_limits, check_output_size,
-                    native_size, output_size, supported_size_range)
+from .sizes import SizeRange, canvas_size_range, check_graph_limits, check_output_size, output_size, supported_size_range
 from .tiling import TiledVelocity, TilePlan, TileSetting, TilingError, choose_plan, decode_budget
 
 PATCH_SIZE = 16  # SPEC: every released network; a custom export's own value is in its metadata
@@ -349,7 +348,6 @@ def format_timings(timings: DecodeTimings) -> str:
             f"{timings.noise * 1e3:.1f} ms, bind {sum(timings.bind) * 1e3:.1f} ms{chunks}")
 
 
-# The size checks live in pid_runtime.sizes; these names are importable from here as before.
-__all__ = ["DecodeError", "DecodeInputs", "DecodeResult", "DecodeTimings", "SizeRange", "aspect_ratio_range",
-           "canvas_size_range", "check_graph_limits", "check_inputs", "check_output_size", "decode", "fixed_batch",
-           "format_timings", "native_size", "output_size", "profile_batch_range", "supported_size_range"]
+# The size checks are pid_runtime.sizes'; DecodeError is pid_runtime.errors', importable from here too.
+__all__ = ["DecodeError", "DecodeInputs", "DecodeResult", "DecodeTimings", "check_inputs", "decode", "fixed_batch",
+           "format_timings", "profile_batch_range"]

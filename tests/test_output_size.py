@@ -29,7 +29,8 @@ from conftest import GOLDEN_CASES, golden_case, golden_net, golden_tensors, rel_
 from pid_export import PidNet
 from pid_export.network import resize_bilinear, resize_nearest
 from pid_runtime.cli import main as pid_run
-from pid_runtime.decode import DecodeError, aspect_ratio_range, check_inputs
+from pid_runtime.decode import DecodeError, check_inputs
+from pid_runtime.sizes import aspect_ratio_range, parse_hw
 from pid_runtime.metadata import INPUT_NAMES, MODEL_METADATA, ModelMetadata
 from pid_runtime.sampler import sample
 
@@ -401,6 +402,15 @@ def test_export_without_free_sizes_refuses_other_sizes():
     _check(old, (2, 3), (64, 96))  # its native size is fine
     with pytest.raises(DecodeError, match="decodes only at the latent's native size 64x96.*re-export"):
         _check(old, (2, 3), (80, 112))
+
+
+def test_one_hxw_parser():
+    """pid-run --size / --ldm-size / --tile, pid-serve's size= and the benchmarks all read HxW here."""
+    assert parse_hw("2160x3840") == (2160, 3840) and parse_hw(" 3840X2160 ") == (3840, 2160)
+    for bad in ("2048", "2048x", "x2048", "2048*2048", "-32x32", "0x96", "64by96", "64x96x2", "1.5x2"):
+        with pytest.raises(ValueError, match="is not HEIGHTxWIDTH in pixels, e.g.") as info:
+            parse_hw(bad)
+        assert "\n" not in str(info.value)
 
 
 def test_pid_run_size_errors_are_one_line(export_root, tmp_path, capfd):  # noqa: F811

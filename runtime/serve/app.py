@@ -29,10 +29,11 @@ from ray import serve
 from ray.serve import metrics
 
 from ..batching import DecodeRequest, Outcome, batch_limit, check_request
-from ..decode import DecodeError, supported_size_range
+from ..decode import DecodeError
 from ..decoder import PidDecoder
 from ..errors import first_line
 from ..latents import LatentError, to_training_frame
+from ..sizes import supported_size_range
 from .bodies import HttpError, check_content_type, npy_bytes, parse_body, parse_query, png_bytes
 from .settings import ServeSettings
 
