@@ -61,7 +61,6 @@ if TYPE_CHECKING:
     import tensorrt as trt
 
 TIMING_CACHE_NAME = "timing.cache"
-REJECTED_PREFIX = "rejected-"
 
 Log = Callable[[str], None]
 
@@ -438,20 +437,8 @@ def _engine_metadata(onnx_path: Path, profiles: Sequence[EngineProfile], as_buil
     )
 
 
-def set_aside_rejected(plan_path: Path) -> Path:
-    """Move a plan that failed verification (and its sidecar) out of the way of the runtime,
-    which loads `engine.plan`: it becomes `rejected-engine.plan` (+ `.json`) beside it."""
-    plan_path = Path(plan_path)
-    rejected = plan_path.with_name(REJECTED_PREFIX + plan_path.name)
-    sidecar = engine_metadata_path(plan_path)
-    plan_path.replace(rejected)
-    if sidecar.exists():
-        sidecar.replace(engine_metadata_path(rejected))
-    return rejected
-
-
 __all__ = ["HW", "PROFILE_2K_CLASS_MAX", "PROFILE_2K_CLASS_OPT", "PROFILE_4K_CLASS_OPT", "BuildTarget", "EngineError",
            "EnginePlan", "EngineProfile", "MissingSizeRange", "ProfileSpec", "Shape", "build_engine", "build_planned", "build_target",
            "default_profile_specs", "engine_profiles", "mark_fp32_attention_decomposable", "parse_compute_capabilities",
-           "parse_hw", "parse_profiles", "profile_shapes", "set_aside_rejected", "tensorrt_status",
+           "parse_hw", "parse_profiles", "profile_shapes", "tensorrt_status",
            "why_engines_cannot_run_here", "write_atomic"]

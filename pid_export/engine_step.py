@@ -11,12 +11,15 @@ from __future__ import annotations
 from pathlib import Path
 
 from pid_runtime.metadata import ONNX_NAME
+from pid_runtime.trt_plan import engine_metadata_path
 
-from .engine import build_planned, set_aside_rejected
+from .engine import build_planned
 from .engine_errors import EngineError
 from .engine_plan import EnginePlan
 from .load_step import LoadedNetwork
 from .stages import PipelineError, Stages, silent_stages
+
+REJECTED_PREFIX = "rejected-"
 
 
 def build_and_verify(export_dir: Path, plan: EnginePlan, reference: LoadedNetwork | None = None,
@@ -47,3 +50,15 @@ def build_and_verify(export_dir: Path, plan: EnginePlan, reference: LoadedNetwor
     except EngineError as exc:
         raise PipelineError(str(exc)) from None
     return engine
+
+
+def set_aside_rejected(plan_path: Path) -> Path:
+    """Move a plan that failed verification (and its sidecar) out of the way of the runtime,
+    which loads `engine.plan`: it becomes `rejected-engine.plan` (+ `.json`) beside it."""
+    plan_path = Path(plan_path)
+    rejected = plan_path.with_name(REJECTED_PREFIX + plan_path.name)
+    sidecar = engine_metadata_path(plan_path)
+    plan_path.replace(rejected)
+    if sidecar.exists():
+        sidecar.replace(engine_metadata_path(rejected))
+    return rejected
