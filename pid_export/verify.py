@@ -163,6 +163,8 @@ def verify_engine(engine: Path | str, onnx_path: Path | str | None = None, *, ne
     try:
         dev = backend.device
         ref_net = net.float().to(dev).eval() if net is not None else None
+        # TensorRTBackend.bind picks the profile by shape (the nearest opt), so a point that two profiles
+        # share runs in the first one's kernels until bind can be told the point's own `profile`.
         for label, batch, height, width, _profile in sizes:
             inputs = verify_inputs(profiles[0], batch, height, width, seed)
             try:
