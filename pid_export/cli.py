@@ -12,7 +12,9 @@ import click
 from . import interrupts
 from .config import ConfigError, PidConfig
 from .interrupts import Interrupted
-from .pipeline import EngineOptions, ExportRequest, PipelineError, WriteFailure, run_export
+from .pipeline import run_export
+from .request import EngineOptions, ExportRequest
+from .stages import PipelineError, WriteFailure
 from .releases import VARIANTS, UnknownReleaseError, backbone_names, get_release, released_pairs_text
 from .staging import StagingError, check_output_dir
 
@@ -73,7 +75,7 @@ def _load_network_config(path: Path) -> PidConfig:
 def _hw_option(text: str | None):
     if text is None:
         return None
-    from .engine import EngineError, parse_hw
+    from .engine_profiles import EngineError, parse_hw
 
     try:
         return parse_hw(text)
@@ -83,7 +85,8 @@ def _hw_option(text: str | None):
 
 def _engine_options(min_hw, opt_hw, max_hw, max_batch, profiles, trt, compute_capability, workspace_gb,
                     strip_weights, verify) -> EngineOptions:
-    from .engine import EngineError, parse_compute_capabilities, parse_profiles
+    from .engine_plan import EngineError, parse_compute_capabilities
+    from .engine_profiles import parse_profiles
 
     if profiles is not None and opt_hw is not None:
         raise UsageProblem("give either --opt or --profiles (each profile names its opt size), not both")

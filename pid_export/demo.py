@@ -18,14 +18,14 @@ model has no caption encoder). The demo ends with `export ready:` and that pid-r
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
 from pathlib import Path
 from typing import Callable
 
 import torch
 
 from .config import PidConfig
-from .releases import WEIGHTS_LICENCE_NOTE, get_release
+from .releases import WEIGHTS_LICENCE_NOTE, Release, get_release
 from .staging import check_output_dir
 
 DEFAULT_BACKBONE, DEFAULT_VARIANT = "sd3", "2kto4k"
@@ -41,14 +41,13 @@ DEMO_NETWORK = PidConfig(
 )
 
 
-@dataclass(frozen=True)
-class DemoRelease:
-    """Registry-like description of the built-in model (what export metadata records)."""
-
-    name: str = "builtin-small-sd3-layout"
-    trained_sizes: tuple = ((256, 256), (256, 384), (512, 512))
-    min_size: tuple = (128, 128)
-    max_size: tuple = (1024, 1024)
+# The built-in model as a registry entry, so the export treats it like any release. It was
+# trained on nothing: its "trained sizes" are the range its export covers (128..1024, one
+# engine profile tuned at 256x256), and its checkpoint is made in memory, never looked up.
+DEMO_RELEASE = Release(name="builtin-small-sd3-layout", backbone=DEFAULT_BACKBONE, variant="builtin",
+                       network=DEMO_NETWORK,
+                       trained_sizes=((128, 128), (256, 256), (256, 384), (512, 512), (1024, 1024)),
+                       opt_size=(256, 256))
 
 
 def _cached_default_checkpoint() -> Path | None:
@@ -64,7 +63,7 @@ def _cached_default_checkpoint() -> Path | None:
 
 def _engine_runs_here(library: str | None) -> bool:
     """Whether an engine built here could also run here (then the demo verifies it)."""
-    from .engine import EngineError, build_target, why_engines_cannot_run_here
+    from .engine_plan import EngineError, build_target, why_engines_cannot_run_here
 
     try:
         return why_engines_cannot_run_here(build_target(library).library) is None
@@ -123,10 +122,14 @@ def _run_builtin(out_dir: Path, log: Callable[[str], None], size: tuple[int, int
     from pid_runtime.io import write_output
     from pid_runtime.metadata import EMPTY_CAPTION_NAME
 
+    from .engine_plan import library_line, plan_engine, why_engines_cannot_run_here
+    from .engine_step import build_and_verify
+    from .load_step import LoadedNetwork
     from .network import PidNet
-    from .pipeline import (EngineOptions, LoadedNetwork, Stages, one_line_write_errors, build_and_verify, engine_status,
-                           export_network)
+    from .onnx_step import export_network
+    from .request import EngineOptions, ExportRequest
     from .staging import ExportTransaction
+    from .stages import Stages, one_line_write_errors
     from .synthetic import synthetic_state_dict
 
     cfg = DEMO_NETWORK
@@ -136,21 +139,23 @@ def _run_builtin(out_dir: Path, log: Callable[[str], None], size: tuple[int, int
                         strict=True, assign=True)
     count = sum(p.numel() for p in net.parameters())
     log(f"the built-in model: {count / 1e6:.1f} M parameters, exported with dynamic shapes")
+    plan = plan_engine(ExportRequest(network=cfg, out_dir=out_dir, release=DEMO_RELEASE, precision="fp32",
+                                     engine=EngineOptions(library=library)), log)
+    if plan is not None and why_engines_cannot_run_here(plan.library, plan.target.asked_targets) is None:
+        # It runs here, so it is checked: the network stays float32 (an fp32 export), the reference.
+        plan = dataclasses.replace(plan, verify=True)
     stages = Stages(log)
     # One transaction like pid-export's: everything (ONNX, engine, latent, caption, demo.png) is written
     # into a staging directory that replaces out_dir in one rename at the end (staging.py).
     with one_line_write_errors(out_dir), ExportTransaction(out_dir, log) as transaction:
         stage = transaction.stage
-        export_network(LoadedNetwork(net.eval(), None, None), stage, "fp32", DemoRelease(), stages=stages,
+        export_network(LoadedNetwork(net.eval(), None, None), stage, "fp32", DEMO_RELEASE, stages=stages,
                        in_place=True, shown_as=out_dir)
-        usable, library_line = engine_status(library)
-        if not usable:
-            log(f"engine step skipped: {library_line}")
-        else:
-            log(f"a TensorRT library is installed, {library_line}: building the built-in model's engine")
-            verify = _engine_runs_here(library)  # the network is still float32: it is the reference
-            build_and_verify(stage, DemoRelease(), "fp32", EngineOptions(library=library, verify=verify),
-                             reference=LoadedNetwork(net, None, None) if verify else None, stages=stages)
+        if plan is not None:
+            log(f"a TensorRT library is installed, {library_line(plan.library)}: building the built-in model's "
+                "engine")
+            build_and_verify(stage, plan, reference=LoadedNetwork(net, None, None) if plan.verify else None,
+                             stages=stages)
 
         height, width = size
         scale = cfg.pixel_scale

@@ -21,33 +21,27 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import hashlib
-import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
-import torch
-
 from pid_runtime.engine_metadata import ENGINE_METADATA_FORMAT, EngineMetadata
 from pid_runtime.io import atomic_write
 from pid_runtime.metadata import ENGINE_NAME, INPUT_NAMES, MODEL_METADATA, ModelMetadata
-from pid_runtime.trt_library import (
-    KINDS,
-    RTX,
-    RTX_DEFAULT_TARGETS,
-    LibraryError,
-    TensorRTLibrary,
-    gpu_visible,
-    last_errors,
-    library_status,
-    recording_logger,
-    select_library,
-)
-from pid_runtime.trt_plan import compute_capability_string, engine_metadata_path, why_engine_cannot_run
+from pid_runtime.trt_library import TensorRTLibrary, last_errors, recording_logger
+from pid_runtime.trt_plan import engine_metadata_path
 
 from .engine_errors import EngineError, MissingSizeRange
-from .engine_profiles import (  # re-exported: pid_export.engine is where callers find them
+from .engine_plan import (  # re-exported: pid_export.engine is where callers find them
+    BuildTarget,
+    EnginePlan,
+    build_target,
+    parse_compute_capabilities,
+    tensorrt_status,
+    why_engines_cannot_run_here,
+)
+from .engine_profiles import (  # re-exported, as above
     HW,
     PROFILE_2K_CLASS_MAX,
     PROFILE_2K_CLASS_OPT,
@@ -67,123 +61,8 @@ if TYPE_CHECKING:
     import tensorrt as trt
 
 TIMING_CACHE_NAME = "timing.cache"
-REJECTED_PREFIX = "rejected-"
 
 Log = Callable[[str], None]
-
-
-def tensorrt_status(library: str | None = None) -> tuple[bool, str]:
-    """(can build here, one line naming the library or saying why not). Cheap; no GPU work."""
-    lib, line = library_status(library)
-    if lib is None:
-        return False, line
-    if not lib.builds_without_gpu and not gpu_visible():
-        rtx = KINDS[RTX]
-        return False, (f"{lib.description} builds engines on a CUDA GPU and none is visible ({rtx.label} builds "
-                       f"without one: {rtx.install})")
-    how = "ahead of time, no GPU needed" if lib.builds_without_gpu else "on this GPU"
-    return True, f"{lib.description} ({how})"
-
-
-def why_engines_cannot_run_here(lib: TensorRTLibrary, targets: Sequence[str] | None = None,
-                                device: torch.device | str | None = None) -> str | None:
-    """Why an engine of `lib` for `targets` (None: the library's defaults) cannot run on `device`
-    (default: the current CUDA device), or None: the runtime's own check, on what the build
-    will record. Cheap: no GPU work beyond asking torch about the device."""
-    planned = None  # enterprise TensorRT builds for this very GPU
-    if lib.key == RTX:
-        planned = EngineMetadata(library=lib.key, compute_capabilities=list(targets or RTX_DEFAULT_TARGETS),
-                                 compute_capabilities_source="library default" if targets is None
-                                 else "--compute-capability")
-    return why_engine_cannot_run(lib, planned, device)
-
-
-# ---------------------------------------------------------------------------
-# Target compute capabilities (pure parsing; the library decides what it can build)
-
-
-def parse_compute_capabilities(text: str) -> tuple[str, ...]:
-    """'8.9,12.0' (also '89,120' or 'sm89,sm120') -> ('8.9', '12.0')."""
-    found: list[str] = []
-    for part in text.split(","):
-        item = part.strip().lower().removeprefix("sm_").removeprefix("sm")
-        dotted = re.fullmatch(r"(\d{1,2})\.(\d)", item)
-        packed = re.fullmatch(r"(\d{1,2})(\d)", item)
-        match = dotted or packed
-        if match is None:
-            raise EngineError(f"compute capability {part.strip()!r} is not like 8.9 or 12.0 (comma-separated)")
-        value = f"{int(match.group(1))}.{match.group(2)}"
-        if value not in found:
-            found.append(value)
-    if not found:
-        raise EngineError("--compute-capability needs at least one value, e.g. 8.9,12.0")
-    return tuple(found)
-
-
-@dataclass(frozen=True)
-class BuildTarget:
-    """What a build produces code for, decided before any slow work."""
-
-    library: TensorRTLibrary
-    compute_capabilities: tuple[str, ...]  # recorded in the sidecar
-    source: str  # "library default" | "--compute-capability" | "build GPU"
-    rtx_targets: tuple[str, ...] | None = None  # ComputeCapability member names set on the config
-    gpu_name: str | None = None  # the GPU the build runs on, when it uses one
-
-    @property
-    def on_gpu(self) -> bool:
-        return self.gpu_name is not None
-
-
-def build_target(library: str | None = None, compute_capabilities: Sequence[str] | None = None,
-                 strip_weights: bool = False) -> BuildTarget:
-    """The library and targets of a build, or EngineError with the reason it cannot happen here.
-
-    Enterprise TensorRT builds for the GPU it runs on. TensorRT-RTX builds CPU-only for its
-    default targets or the given ones; a weight-stripped TensorRT-RTX plan needs a GPU and
-    one target (its documentation: "a GPU device is required for the AOT build and at most
-    one compute capability can be set"), so without a GPU it is refused here, before the
-    export, instead of failing inside the builder with a CUDA error.
-    """
-    usable, why = tensorrt_status(library)
-    if not usable:
-        raise EngineError(why)
-    try:
-        lib = select_library(library)
-    except LibraryError as exc:
-        raise EngineError(str(exc)) from None
-    requested = tuple(compute_capabilities) if compute_capabilities else None
-    gpu = torch.cuda.is_available()
-    here = compute_capability_string(torch.device("cuda", torch.cuda.current_device())) if gpu else None
-    gpu_name = torch.cuda.get_device_name(torch.cuda.current_device()) if gpu else None
-
-    if not lib.builds_without_gpu:
-        if requested is not None and requested != (here,):
-            raise EngineError(f"{lib.description} builds for the GPU it runs on (compute capability {here}), "
-                              f"not for {', '.join(requested)}: build on such a GPU, or with TensorRT-RTX "
-                              f"(--trt rtx) for RTX-class targets")
-        return BuildTarget(lib, (str(here),), "build GPU", gpu_name=gpu_name)
-
-    available = {name for name in lib.module.ComputeCapability.__members__ if name.startswith("SM")}
-    if strip_weights:
-        if not gpu:
-            raise EngineError(f"--strip-weights with {lib.label} needs a CUDA GPU at build time (a weightless "
-                              f"{lib.label} plan is compiled on the GPU it targets) and none is visible: build "
-                              f"without --strip-weights here, or on the target GPU")
-        if requested is not None and requested != (here,):
-            raise EngineError(f"--strip-weights with {lib.label} builds for this GPU only (compute capability "
-                              f"{here}), not for {', '.join(requested)}")
-        return BuildTarget(lib, (str(here),), "build GPU", ("CURRENT",), gpu_name)
-    if requested is None:
-        return BuildTarget(lib, RTX_DEFAULT_TARGETS, "library default")
-    names = []
-    for cc in requested:
-        name = "SM" + cc.replace(".", "")
-        if name not in available:
-            offered = ", ".join(sorted((f"{n[2:-1]}.{n[-1]}" for n in available), key=lambda v: float(v)))
-            raise EngineError(f"{lib.description} cannot build for compute capability {cc}: it offers {offered}")
-        names.append(name)
-    return BuildTarget(lib, requested, "--compute-capability", tuple(names))
 
 
 # ---------------------------------------------------------------------------
@@ -221,122 +100,197 @@ def _model_precision(onnx_path: Path) -> str:
 # Build
 
 
-def build_engine(onnx_path: Path | str, out_dir: Path | str, profiles: EngineProfile | Sequence[EngineProfile], *,
-                 library: str | None = None, compute_capabilities: Sequence[str] | None = None,
-                 target: BuildTarget | None = None, workspace_gb: float | None = None, opt_level: int = 3,
-                 strip_weights: bool = False, timing_cache: Path | str | None = None, log: Log = print) -> Path:
-    """Build `out_dir/engine.plan` (+ engine.json) from `onnx_path`; returns the plan's path.
+def build_engine(onnx_path: Path | str, out_dir: Path | str,
+                 plan: EnginePlan | EngineProfile | Sequence[EngineProfile], *, library: str | None = None,
+                 compute_capabilities: Sequence[str] | None = None, workspace_gb: float | None = None,
+                 opt_level: int = 3, strip_weights: bool = False, timing_cache: Path | str | None = None,
+                 log: Log = print) -> Path:
+    """Build `out_dir/engine.plan` (+ engine.json) from `onnx_path` as `plan` says; returns the plan's path.
 
-    `library` / `compute_capabilities` choose the library and its targets (or pass a
-    `target` from `build_target`). With enterprise TensorRT, `timing_cache` (default
-    out_dir/timing.cache) is read when present and rewritten after the build.
+    `plan` is pid-export's `EnginePlan`; given profiles instead, the keywords plan the build
+    (`EnginePlan.for_profiles`: `library` / `compute_capabilities` choose the library and
+    its targets). With enterprise TensorRT, the timing cache (default out_dir/timing.cache)
+    is read when present and rewritten after the build.
+
+    The steps (`build_planned`), in the order they run: parse, fit the profiles to the
+    parsed inputs, configure, add the profiles, serialize, write.
     """
+    if not isinstance(plan, EnginePlan):
+        plan = EnginePlan.for_profiles(plan, library=library, compute_capabilities=compute_capabilities,
+                                       workspace_gb=workspace_gb, opt_level=opt_level, strip_weights=strip_weights,
+                                       timing_cache=timing_cache)
+    return build_planned(onnx_path, out_dir, plan, log)
+
+
+def build_planned(onnx_path: Path | str, out_dir: Path | str, plan: EnginePlan, log: Log = print) -> Path:
+    """`build_engine` of an `EnginePlan` (what pid-export's engine step calls): the steps, in
+    the order they run."""
     onnx_path, out_dir = Path(onnx_path), Path(out_dir)
-    target = target or build_target(library, compute_capabilities, strip_weights)
-    lib = target.library
-    profiles = [profiles] if isinstance(profiles, EngineProfile) else list(profiles)
-    if not profiles:
+    _check_inputs(onnx_path, plan)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    errors: list[str] = []
+    # Once SIGINT/SIGTERM arrived, the library's "build canceled" messages are not news.
+    logger = recording_logger(plan.library, errors, echo=lambda message: None if requested() else log(message))
+    build = _Build(plan, plan.library.module, logger, errors, log)
+    with native_calls():  # SIGINT/SIGTERM: recorded in the callbacks, raised when the library returns
+        parsed = parse_onnx(build, onnx_path)
+        profiles = fit_profiles(plan.profiles, parsed.io)
+        config = configure(build, parsed.builder, plan.timing_cache or out_dir / TIMING_CACHE_NAME)
+        as_built = add_profiles(build, parsed.builder, config, profiles)
+        serialized = serialize(build, parsed, config, profiles)
+        meta = _engine_metadata(onnx_path, profiles, as_built, parsed, plan, serialized.seconds)
+        return write_plan(out_dir / ENGINE_NAME, serialized.plan, meta, log)
+
+
+@dataclass
+class _Build:
+    """What the steps of one build share: the plan, the library's module, its logger and the
+    error messages the logger recorded (the reason behind a None from the library)."""
+
+    plan: EnginePlan
+    trt: Any
+    logger: Any
+    errors: list[str]
+    log: Log
+    timing_cache: Path | None = None  # where configure read it (enterprise TensorRT): serialize rewrites it
+
+    @property
+    def lib(self) -> TensorRTLibrary:
+        return self.plan.library
+
+    def failed(self, what: str) -> EngineError:
+        return EngineError(f"{self.lib.label} {what}: {last_errors(self.errors)}")
+
+
+@dataclass
+class ParsedNetwork:
+    builder: Any  # trt.Builder
+    network: Any  # trt.INetworkDefinition
+    parser: Any  # trt.OnnxParser: owns the weights the network refers to until the build
+    io: dict[str, list[dict[str, Any]]]  # the network's inputs and outputs as the sidecar records them
+    attention_layers: int
+    decomposable_attention_layers: int
+
+
+@dataclass
+class SerializedPlan:
+    plan: Any  # trt.IHostMemory
+    seconds: float
+
+
+def _check_inputs(onnx_path: Path, plan: EnginePlan) -> None:
+    if not plan.profiles:
         raise EngineError("an engine needs at least one optimization profile")
     if not onnx_path.is_file():
         raise EngineError(f"ONNX model {onnx_path} does not exist")
-    for profile in profiles:
+    for profile in plan.profiles:
         profile.validate()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if TYPE_CHECKING:
-        import tensorrt as trt
-    else:
-        trt = lib.module
-
-    errors: list[str] = []
-    # Once SIGINT/SIGTERM arrived, the library's "build canceled" messages are not news.
-    logger = recording_logger(lib, errors, echo=lambda message: None if requested() else log(message))
-    with native_calls():  # SIGINT/SIGTERM: recorded in the callbacks, raised when the library returns
-        return _build(trt, lib, target, onnx_path, out_dir, profiles, errors, logger, workspace_gb, opt_level,
-                      strip_weights, timing_cache, log)
 
 
-def _build(trt: Any, lib: TensorRTLibrary, target: BuildTarget, onnx_path: Path, out_dir: Path,
-           profiles: list[EngineProfile], errors: list[str], logger: Any, workspace_gb: float | None,
-           opt_level: int, strip_weights: bool, timing_cache: Path | str | None, log: Log) -> Path:
-    builder = trt.Builder(logger)
+def parse_onnx(build: _Build, onnx_path: Path) -> ParsedNetwork:
+    """The ONNX graph as a (strongly typed) TensorRT network; float32 attentions marked decomposable."""
+    lib, trt = build.lib, build.trt
+    builder = trt.Builder(build.logger)
     network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
                                      if lib.needs_strongly_typed_flag else 0)
-    parser = trt.OnnxParser(network, logger)
-    log(f"parsing {onnx_path.name} with {lib.description}")
+    parser = trt.OnnxParser(network, build.logger)
+    build.log(f"parsing {onnx_path.name} with {lib.description}")
     start = time.perf_counter()
     if not parser.parse_from_file(str(onnx_path)):  # from the path: finds the external weights
         details = [str(parser.get_error(i)) for i in range(parser.num_errors)]
         raise EngineError(f"{lib.label} could not parse {onnx_path}: "
-                          f"{' | '.join(details[:3]) or last_errors(errors)}")
+                          f"{' | '.join(details[:3]) or last_errors(build.errors)}")
     attention, decomposable = mark_fp32_attention_decomposable(lib, network)
-    log(f"parsed in {time.perf_counter() - start:.1f} s: {network.num_layers} layers, {attention} attention "
-        f"({decomposable} float32 ones decomposable: no fused float32 kernel exists)" if decomposable else
-        f"parsed in {time.perf_counter() - start:.1f} s: {network.num_layers} layers, {attention} fused attention")
+    build.log(f"parsed in {time.perf_counter() - start:.1f} s: {network.num_layers} layers, {attention} attention "
+              f"({decomposable} float32 ones decomposable: no fused float32 kernel exists)" if decomposable else
+              f"parsed in {time.perf_counter() - start:.1f} s: {network.num_layers} layers, {attention} fused "
+              f"attention")
     raise_if_requested()
-    io = _network_io(network)
-    profiles = [_fixed_text_length(profile, io) for profile in profiles]
-    _check_profiles_fit(profiles, io)
+    return ParsedNetwork(builder, network, parser, _network_io(network), attention, decomposable)
 
+
+def fit_profiles(profiles: Sequence[EngineProfile], io: Mapping[str, Any]) -> list[EngineProfile]:
+    """The plan's profiles as the parsed network takes them: a static export's caption length
+    is the traced one; each profile checked against the inputs in the user's terms."""
+    fitted = [_fixed_text_length(profile, io) for profile in profiles]
+    _check_profiles_fit(fitted, io)
+    return fitted
+
+
+def configure(build: _Build, builder: Any, cache_path: Path) -> Any:
+    """The builder config: optimisation level, workspace, weight stripping, targets, timing cache."""
+    trt, plan = build.trt, build.plan
     config = builder.create_builder_config()
-    config.builder_optimization_level = opt_level
-    if workspace_gb is not None:
-        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * (1 << 30)))
+    config.builder_optimization_level = plan.opt_level
+    if plan.workspace_gb is not None:
+        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(plan.workspace_gb * (1 << 30)))
     # Lets the runtime size scratch memory for the actual shape, not the profile max.
     # A 10.x preview feature; looked up by name so a library without it still builds.
     resize = getattr(trt.PreviewFeature, "RUNTIME_ACTIVATION_RESIZE_10_10", None)
     if resize is not None:
         config.set_preview_feature(resize, True)
-    if strip_weights:
+    if plan.strip_weights:
         # Weightless plan; the runtime refits it from the same ONNX. Enterprise: REFIT_IDENTICAL
         # (the same weights come back); TensorRT-RTX documents REFIT for weightless plans.
         config.set_flag(trt.BuilderFlag.STRIP_PLAN)
-        config.set_flag(trt.BuilderFlag.REFIT if lib.builds_without_gpu else trt.BuilderFlag.REFIT_IDENTICAL)
-    if target.rtx_targets is not None:
-        _set_compute_capabilities(lib, config, target.rtx_targets)
-    as_built: list[dict[str, list[list[int]]]] = []  # each profile's shapes as the builder's config holds them
+        config.set_flag(trt.BuilderFlag.REFIT if build.lib.builds_without_gpu else trt.BuilderFlag.REFIT_IDENTICAL)
+    if plan.target.rtx_targets is not None:
+        _set_compute_capabilities(build.lib, config, plan.target.rtx_targets)
+    if build.lib.uses_timing_cache:
+        _use_timing_cache(config, cache_path, build.log)
+        build.timing_cache = cache_path
+    return config
+
+
+def add_profiles(build: _Build, builder: Any, config: Any,
+                 profiles: Sequence[EngineProfile]) -> list[dict[str, list[list[int]]]]:
+    """One optimization profile per EngineProfile; returns each one's shapes as the config holds them."""
+    trt = build.trt
+    as_built: list[dict[str, list[list[int]]]] = []
     for index, profile in enumerate(profiles):
         trt_profile = builder.create_optimization_profile()
         for name, (low, opt, high) in profile_shapes(profile).items():
             trt_profile.set_shape(name, trt.Dims(list(low)), trt.Dims(list(opt)), trt.Dims(list(high)))
         if config.add_optimization_profile(trt_profile) < 0:
-            raise EngineError(f"{lib.label} rejected optimization profile {index + 1} "
-                              f"({profile.min_hw}..{profile.max_hw}): {last_errors(errors)}")
+            raise build.failed(f"rejected optimization profile {index + 1} ({profile.min_hw}..{profile.max_hw})")
         as_built.append({name: [[int(dims[i]) for i in range(len(dims))] for dims in trt_profile.get_shape(name)]
                          for name in INPUT_NAMES})
     if config.num_optimization_profiles != len(profiles):
-        raise EngineError(f"{lib.label} kept {config.num_optimization_profiles} of {len(profiles)} profiles")
-    cache_path = Path(timing_cache) if timing_cache is not None else out_dir / TIMING_CACHE_NAME
-    if lib.uses_timing_cache:
-        _use_timing_cache(config, cache_path, log)
+        raise EngineError(f"{build.lib.label} kept {config.num_optimization_profiles} of {len(profiles)} profiles")
+    return as_built
 
+
+def serialize(build: _Build, parsed: ParsedNetwork, config: Any, profiles: Sequence[EngineProfile]) -> SerializedPlan:
+    """The build itself (minutes): the serialized plan; the timing cache saved for the next build."""
+    target = build.plan.target
     sizes = "; ".join(f"{p.min_hw}..{p.max_hw} tuned for {p.opt_hw}" for p in profiles)
     where = f"on {target.gpu_name}" if target.on_gpu else "CPU-only, ahead of time"
-    log(f"building ({where}) for compute capability {', '.join(target.compute_capabilities)} "
-        f"({target.source}); profile(s) {sizes}, batch {profiles[0].min_batch}..{profiles[0].max_batch}; "
-        f"this takes minutes")
+    build.log(f"building ({where}) for compute capability {', '.join(target.compute_capabilities)} "
+              f"({target.source}); profile(s) {sizes}, batch {profiles[0].min_batch}..{profiles[0].max_batch}; "
+              f"this takes minutes")
     start = time.perf_counter()
-    monitor = build_progress(trt, log)  # kept referenced for the whole build
+    monitor = build_progress(build.trt, build.log)  # kept referenced for the whole build
     if monitor is not None:
         config.progress_monitor = monitor
     # The stubs say IHostMemory, but a failed build returns None (the reason is in the log).
-    plan: trt.IHostMemory | None = builder.build_serialized_network(network, config)
+    plan: trt.IHostMemory | None = parsed.builder.build_serialized_network(parsed.network, config)
     seconds = time.perf_counter() - start
     if plan is None:
         raise_if_requested()  # cancelled by SIGINT/SIGTERM, not a build failure
-        raise EngineError(f"{lib.label} could not build the engine: {last_errors(errors)}")
-    log(f"built in {seconds:.0f} s ({plan.nbytes / 2**20:.1f} MiB)")
+        raise build.failed("could not build the engine")
+    build.log(f"built in {seconds:.0f} s ({plan.nbytes / 2**20:.1f} MiB)")
+    if build.timing_cache is not None:
+        write_atomic(build.timing_cache, bytes(config.get_timing_cache().serialize()))
+    return SerializedPlan(plan, seconds)
 
-    if lib.uses_timing_cache:
-        write_atomic(cache_path, bytes(config.get_timing_cache().serialize()))
-    plan_path = out_dir / ENGINE_NAME
-    meta = _engine_metadata(onnx_path, profiles, as_built, io, target, stripped=strip_weights, opt_level=opt_level,
-                            workspace_gb=workspace_gb, attention=(attention, decomposable), seconds=seconds)
+
+def write_plan(plan_path: Path, plan: Any, meta: EngineMetadata, log: Log) -> Path:
+    """engine.plan, then its sidecar: never an old sidecar beside a new plan, never half a plan."""
     sidecar = engine_metadata_path(plan_path)
     sidecar.unlink(missing_ok=True)  # never leave an old sidecar describing a new plan
     stage_boundary("plan-write", log)
     raise_if_requested()
     write_atomic(plan_path, bytes(plan))
-    del plan
     meta.save(sidecar)
     return plan_path
 
@@ -456,8 +410,8 @@ def _check_profiles_fit(profiles: Sequence[EngineProfile], io: Mapping[str, Any]
 
 
 def _engine_metadata(onnx_path: Path, profiles: Sequence[EngineProfile], as_built: Sequence[Mapping[str, Any]],
-                     io: Mapping[str, Any], target: BuildTarget, *, stripped: bool, opt_level: int, workspace_gb: float | None, attention: tuple[int, int],
-                     seconds: float) -> EngineMetadata:
+                     parsed: ParsedNetwork, plan: EnginePlan, seconds: float) -> EngineMetadata:
+    target = plan.target
     lib = target.library
     return EngineMetadata(
         format=ENGINE_METADATA_FORMAT,
@@ -469,34 +423,22 @@ def _engine_metadata(onnx_path: Path, profiles: Sequence[EngineProfile], as_buil
         built_on=target.gpu_name or "CPU (ahead of time)",
         precision=_model_precision(onnx_path),
         profiles=[dict(profile.to_dict(), as_built=shapes) for profile, shapes in zip(profiles, as_built)],
-        inputs=list(io["inputs"]),
-        outputs=list(io["outputs"]),
-        attention_layers=attention[0],
-        decomposable_attention_layers=attention[1],
+        inputs=list(parsed.io["inputs"]),
+        outputs=list(parsed.io["outputs"]),
+        attention_layers=parsed.attention_layers,
+        decomposable_attention_layers=parsed.decomposable_attention_layers,
         onnx_name=onnx_path.name,
         onnx_sha256=onnx_sha256(onnx_path),
-        stripped=stripped,
-        builder_optimization_level=opt_level,
-        workspace_gb=workspace_gb,
+        stripped=plan.strip_weights,
+        builder_optimization_level=plan.opt_level,
+        workspace_gb=plan.workspace_gb,
         build_seconds=round(seconds, 1),
         created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     )
 
 
-def set_aside_rejected(plan_path: Path) -> Path:
-    """Move a plan that failed verification (and its sidecar) out of the way of the runtime,
-    which loads `engine.plan`: it becomes `rejected-engine.plan` (+ `.json`) beside it."""
-    plan_path = Path(plan_path)
-    rejected = plan_path.with_name(REJECTED_PREFIX + plan_path.name)
-    sidecar = engine_metadata_path(plan_path)
-    plan_path.replace(rejected)
-    if sidecar.exists():
-        sidecar.replace(engine_metadata_path(rejected))
-    return rejected
-
-
 __all__ = ["HW", "PROFILE_2K_CLASS_MAX", "PROFILE_2K_CLASS_OPT", "PROFILE_4K_CLASS_OPT", "BuildTarget", "EngineError",
-           "EngineProfile", "MissingSizeRange", "ProfileSpec", "Shape", "build_engine", "build_target",
+           "EnginePlan", "EngineProfile", "MissingSizeRange", "ProfileSpec", "Shape", "build_engine", "build_planned", "build_target",
            "default_profile_specs", "engine_profiles", "mark_fp32_attention_decomposable", "parse_compute_capabilities",
-           "parse_hw", "parse_profiles", "profile_shapes", "set_aside_rejected", "tensorrt_status",
+           "parse_hw", "parse_profiles", "profile_shapes", "tensorrt_status",
            "why_engines_cannot_run_here", "write_atomic"]

@@ -15,6 +15,7 @@ from pid_runtime.signature import INPUT_NAMES, input_shapes
 
 from .config import PidConfig
 from .engine_errors import EngineError, MissingSizeRange
+from .releases import VARIANT_2KTO4K, Release
 
 Shape = tuple[int, ...]
 HW = tuple[int, int]
@@ -166,10 +167,10 @@ def parse_profiles(text: str) -> list[ProfileSpec]:
     return specs
 
 
-def default_profile_specs(release: Any) -> list[ProfileSpec] | None:
+def default_profile_specs(release: Release | None) -> list[ProfileSpec] | None:
     """The profiles a release gets when the user names none; None means one profile over
     its trained range tuned at its main size."""
-    if release is None or not str(getattr(release, "variant", "")).startswith("2kto4k"):
+    if release is None or not release.variant.startswith(VARIANT_2KTO4K):
         return None
     return [ProfileSpec(PROFILE_2K_CLASS_OPT, max=PROFILE_2K_CLASS_MAX), ProfileSpec(PROFILE_4K_CLASS_OPT)]
 

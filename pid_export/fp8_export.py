@@ -27,6 +27,10 @@ from pid_runtime.metadata import MODEL_METADATA, ONNX_NAME, ModelMetadata
 from . import calibration as cal
 from .accuracy_guard import GuardThresholds, reference_images, run_guard
 from .fp8 import BASE_PRECISIONS, QuantizationError, qdq_counts, quantize_onnx
+from .load_step import LoadedNetwork
+from .network import PidNet
+from .releases import Release
+from .stages import PipelineError, Stages, silent_stages
 
 
 @dataclass
@@ -52,18 +56,18 @@ def _cap(value: int | None | str, device: torch.device, cpu_default: int) -> int
     return value  # type: ignore[return-value]
 
 
-def prepare_items(net: Any, release: Any, options: Fp8Options, device: torch.device, say,
+def prepare_items(net: PidNet, release: Release | None, options: Fp8Options, device: torch.device, say,
                   static_shape: tuple[int, int, int] | None = None):
-    """(calibration items, held-out items, where the held-out ones came from)."""
+    """(calibration items, held-out items, where the held-out ones came from).
+
+    A static export's items are made at the trained sizes, then reshaped to its inputs."""
+    if static_shape is not None:
+        options = dataclasses.replace(options, max_side=None, guard_max_side=None)
+    calib_side = _cap(options.max_side, device, cal.CPU_MAX_SIDE)
+    guard_side = _cap(options.guard_max_side, device, GUARD_CPU_MAX_SIDE)
     net_cfg = net.cfg
     sizes = cal.item_sizes(release, net_cfg)
     scale = net_cfg.pixel_scale
-    if static_shape is not None:
-        calibration, held_out, source = prepare_items(net, release, dataclasses.replace(
-            options, max_side=None, guard_max_side=None), device, say)
-        return _static(net, calibration, static_shape), _static(net, held_out, static_shape), source
-    calib_side = _cap(options.max_side, device, cal.CPU_MAX_SIDE)
-    guard_side = _cap(options.guard_max_side, device, GUARD_CPU_MAX_SIDE)
     if options.calibration_dir is not None:
         items = cal.load_calibration_dir(options.calibration_dir, net_cfg)
         calibration, held_out = cal.split_held_out(items)
@@ -84,31 +88,25 @@ def prepare_items(net: Any, release: Any, options: Fp8Options, device: torch.dev
     if device.type == "cpu" and (calib_side or guard_side):
         say(f"no GPU: calibrating at <= {calib_side} px and guarding at <= {guard_side} px per side "
             "(trained sizes cost ~45 TFLOP per network call)")
+    if static_shape is not None:
+        # The static export's size (latents resized by nearest) and caption length (onnx_export's: the maximum).
+        _, height, width = static_shape
+        latent_size, text_len = (height // scale, width // scale), net_cfg.txt_max_length
+        calibration, held_out = ([cal.CalibrationItem(item.name, torch.nn.functional.interpolate(
+            item.latents, size=latent_size, mode="nearest"), item.caption[:, :text_len], item.sigma)
+            for item in items] for items in (calibration, held_out))
     return calibration, held_out, source
 
 
-def _static(net: Any, items: list[cal.CalibrationItem], static_shape: tuple[int, int, int]):
-    """Items reshaped to a static export's inputs: its size (latents resized by nearest) and caption length."""
-    _, height, width = static_shape
-    scale = net.cfg.pixel_scale
-    text_len = net.cfg.txt_max_length  # a static export's caption length (onnx_export)
-    out = []
-    for item in items:
-        latents = torch.nn.functional.interpolate(item.latents, size=(height // scale, width // scale), mode="nearest")
-        out.append(cal.CalibrationItem(item.name, latents, item.caption[:, :text_len], item.sigma))
-    return out
-
-
-def export_fp8(loaded: Any, out_dir: Path, release: Any, options: Fp8Options, *,
+def export_fp8(loaded: LoadedNetwork, out_dir: Path, release: Release | None, options: Fp8Options, *,
                static_shape: tuple[int, int, int] | None = None, allow_lint_problems: bool = False,
-               stages: Any = None):
+               stages: Stages | None = None):
     """The FP8 export of `loaded.net` (float32; cast in place to the base precision) written into
     `out_dir`, an empty directory: pid-export's staging directory (pipeline.run_export)."""
     from .onnx_export import ExportError, ExportResult, export_onnx
     from .onnx_lint import lint_model
-    from .pipeline import PipelineError, Stages
 
-    stages = stages or Stages(lambda message: None)
+    stages = stages or silent_stages()
     if options.base not in BASE_PRECISIONS:
         raise PipelineError(f"--fp8-base must be one of {', '.join(BASE_PRECISIONS)}, got {options.base}")
     start = time.perf_counter()

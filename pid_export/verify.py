@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, NamedTuple
 
 import numpy as np
 import torch
@@ -98,16 +98,34 @@ def require_passed(results: list[VerifyResult]) -> None:
         raise EngineError(f"engine verification failed: {failed[0].summary()}{more}")
 
 
-def verify_sizes(profiles: list[Mapping[str, Any]]) -> list[tuple[str, int, int, int]]:
-    """(label, batch, H, W) for each profile's min, opt and max, each shape once, smallest first."""
-    seen: dict[tuple[int, int, int], str] = {}
+class VerifySize(NamedTuple):
+    """One verification run: a profile's min, opt or max point."""
+
+    label: str  # "min", or "min of profile 2" when the engine has several profiles
+    batch: int
+    height: int
+    width: int
+    profile: int  # index of the optimization profile whose point this is
+
+
+def verify_sizes(profiles: list[Mapping[str, Any]]) -> list[VerifySize]:
+    """Each profile's own min, opt and max, profile by profile, smallest first within one.
+
+    Not de-duplicated across profiles: two profiles that share a size (a 4K profile's min is
+    often the 2K one's) are two sets of kernels, and each is verified at its own extremes.
+    Within one profile, a point equal to an earlier one (min == opt) runs once.
+    """
+    sizes: list[VerifySize] = []
     for index, prof in enumerate(profiles):
         which = f" of profile {index + 1}" if len(profiles) > 1 else ""
-        for point, batch_key in (("min", "min_batch"), ("opt", "opt_batch"), ("max", "max_batch")):
+        seen: set[tuple[int, int, int]] = set()
+        for point in ("min", "opt", "max"):
             height, width = prof[f"{point}_hw"]
-            key = (int(prof[batch_key]), int(height), int(width))
-            seen.setdefault(key, point + which)
-    return [(label, *key) for key, label in sorted(seen.items(), key=lambda kv: (kv[0][1] * kv[0][2], kv[0][0]))]
+            key = (int(prof[f"{point}_batch"]), int(height), int(width))
+            if key not in seen:
+                seen.add(key)
+                sizes.append(VerifySize(point + which, *key, index))
+    return sizes
 
 
 def verify_engine(engine: Path | str, onnx_path: Path | str | None = None, *, net: torch.nn.Module | None = None,
@@ -145,7 +163,9 @@ def verify_engine(engine: Path | str, onnx_path: Path | str | None = None, *, ne
     try:
         dev = backend.device
         ref_net = net.float().to(dev).eval() if net is not None else None
-        for label, batch, height, width in sizes:
+        # TensorRTBackend.bind picks the profile by shape (the nearest opt), so a point that two profiles
+        # share runs in the first one's kernels until bind can be told the point's own `profile`.
+        for label, batch, height, width, _profile in sizes:
             inputs = verify_inputs(profiles[0], batch, height, width, seed)
             try:
                 backend.bind(inputs["y"], inputs["lq_latent"], inputs["degrade_sigma"], height, width)
@@ -218,5 +238,5 @@ def _run_onnxruntime(onnx_file: Path, feeds: Mapping[str, np.ndarray]) -> np.nda
     return np.asarray(out)
 
 
-__all__ = ["TOLERANCE", "VerifyResult", "compare_with_reference", "require_passed", "verify_engine",
+__all__ = ["TOLERANCE", "VerifyResult", "VerifySize", "compare_with_reference", "require_passed", "verify_engine",
            "verify_inputs", "verify_sizes"]

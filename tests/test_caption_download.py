@@ -69,17 +69,18 @@ def test_export_downloads_the_caption_model_and_stores_the_empty_caption(tiny_ge
 
 
 def test_offline_export_does_not_try_the_hub(tiny_gemma, tmp_path, monkeypatch):
-    """The export's caption step (pipeline.store_caption, what run_export calls) with HF_HUB_OFFLINE=1."""
+    """The export's caption step (caption_export.store_empty_caption, as run_export calls it) with HF_HUB_OFFLINE=1."""
     from pid_export import PidConfig
-    from pid_export.pipeline import Stages, store_caption
+    from pid_export.caption_export import store_empty_caption
+    from pid_export.stages import Stages
 
     repo, _ = tiny_gemma
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     lines: list[str] = []
     with FakeHub(REPO_ID, repo) as hub:
         monkeypatch.setattr("huggingface_hub.constants.ENDPOINT", hub.endpoint)
-        stored = store_caption(tmp_path, PidConfig.from_dict(golden_case(CASE)["network"]), REPO_ID,
-                               Stages(lines.append), download=True)
+        stored = store_empty_caption(tmp_path, REPO_ID, notify=Stages(lines.append).detail, download=True,
+                                     txt_embed_dim=PidConfig.from_dict(golden_case(CASE)["network"]).txt_embed_dim)
     assert stored is None and not [r for r in hub.requests if REPO_ID in r]  # nothing asked of the repo
     assert list(tmp_path.iterdir()) == []
     assert len(lines) == 1 and "HF_HUB_OFFLINE is set" in lines[0] and "--caption-embeds" in lines[0]

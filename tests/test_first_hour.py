@@ -226,7 +226,7 @@ def test_demo_then_readmes_pid_run_line_writes_the_demos_image(tmp_path):
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
     assert "random caption" in out and "not in the local Hugging Face cache" in out
-    assert ("engine step skipped" in out) or ("engine.plan" in out)
+    assert ("engine step will be skipped" in out) or ("engine.plan" in out)
     assert "export ready: engines/demo-builtin-fp32" in out
     # The ONNX step says what tracing is and how long it takes, and splits its total by phase.
     assert "torch.onnx records every operation" in out

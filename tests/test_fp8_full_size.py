@@ -30,9 +30,11 @@ BUILD = """
 import resource, sys
 from pathlib import Path
 from pid_export import get_release
-from pid_export.pipeline import EngineOptions, Stages, build_and_verify
-build_and_verify(Path(sys.argv[1]), get_release("sd3", "2kto4k"), sys.argv[2],
-                 EngineOptions(library="rtx", compute_capabilities=%r), stages=Stages(print))
+from pid_export.pipeline import EngineOptions, ExportRequest, Stages, build_and_verify, plan_engine
+release = get_release("sd3", "2kto4k")
+plan = plan_engine(ExportRequest(release.network, Path(sys.argv[1]), release, precision=sys.argv[2],
+                                 engine=EngineOptions(library="rtx", compute_capabilities=%r)), print)
+build_and_verify(Path(sys.argv[1]), plan, stages=Stages(print))
 print(f"PEAK_RSS_KIB {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}")
 """ % (RTX_TARGETS,)
 

@@ -32,9 +32,11 @@ BUILD = """
 import resource, sys, time
 from pathlib import Path
 from pid_export import get_release
-from pid_export.pipeline import EngineOptions, Stages, build_and_verify
+from pid_export.pipeline import ExportRequest, Stages, build_and_verify, plan_engine
 start = time.perf_counter()
-build_and_verify(Path(sys.argv[1]), get_release("sd3", "2kto4k"), "bf16", EngineOptions(), stages=Stages(print))
+release = get_release("sd3", "2kto4k")
+plan = plan_engine(ExportRequest(release.network, Path(sys.argv[1]), release, precision="bf16"), print)
+build_and_verify(Path(sys.argv[1]), plan, stages=Stages(print))
 print(f"BUILD_SECONDS {time.perf_counter() - start:.1f}")
 print(f"PEAK_RSS_KIB {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}", file=sys.stderr)
 """

@@ -100,10 +100,13 @@ def test_verify_covers_min_opt_and_max_of_every_profile():
     cfg = golden_net(MAIN).cfg
     small = EngineProfile.for_config(cfg, (32, 32), (64, 96), (128, 128), max_batch=2).to_dict()
     large = EngineProfile.for_config(cfg, (32, 32), (192, 192), (256, 256), max_batch=2).to_dict()
-    assert verify_sizes([small]) == [("min", 1, 32, 32), ("opt", 1, 64, 96), ("max", 2, 128, 128)]
+    assert verify_sizes([small]) == [("min", 1, 32, 32, 0), ("opt", 1, 64, 96, 0), ("max", 2, 128, 128, 0)]
+    # The second profile shares its min with the first: it is still run there, as its own point (issue 20).
     assert verify_sizes([small, large]) == [
-        ("min of profile 1", 1, 32, 32), ("opt of profile 1", 1, 64, 96), ("max of profile 1", 2, 128, 128),
-        ("opt of profile 2", 1, 192, 192), ("max of profile 2", 2, 256, 256)]
+        ("min of profile 1", 1, 32, 32, 0), ("opt of profile 1", 1, 64, 96, 0), ("max of profile 1", 2, 128, 128, 0),
+        ("min of profile 2", 1, 32, 32, 1), ("opt of profile 2", 1, 192, 192, 1), ("max of profile 2", 2, 256, 256, 1)]
+    same = EngineProfile.for_config(cfg, (64, 64), (64, 64), (128, 128)).to_dict()  # min == opt: one run
+    assert verify_sizes([same]) == [("min", 1, 64, 64, 0), ("max", 1, 128, 128, 0)]
 
 
 # ---------------------------------------------------------------------------
@@ -117,7 +120,7 @@ def measured_errors(case: str, precision: str) -> list[float]:
     prof = EngineProfile.for_config(net.cfg, *[(k * net.cfg.pixel_scale,) * 2 for k in (1, 2, 4)],
                                     max_batch=2).to_dict()
     errors = []
-    for _label, batch, height, width in verify_sizes([prof]):
+    for _label, batch, height, width, _profile in verify_sizes([prof]):
         inputs = verify_inputs(prof, batch, height, width)
         errors.append(rel_err(run(reduced, inputs), run(net, inputs)))
     return errors
@@ -150,7 +153,7 @@ def onnxruntime_errors(case: str, export_dir) -> list[float]:
     prof = EngineProfile.for_config(net.cfg, *[(k * net.cfg.pixel_scale,) * 2 for k in (1, 2, 4)],
                                     max_batch=2).to_dict()
     errors = []
-    for _label, batch, height, width in verify_sizes([prof]):
+    for _label, batch, height, width, _profile in verify_sizes([prof]):
         inputs = verify_inputs(prof, batch, height, width)
         got = session.run(None, {n: inputs[n].numpy() for n in INPUT_NAMES})[0]
         errors.append(rel_err(got, run(net, inputs)))
