@@ -37,7 +37,7 @@ from torch import Tensor
 from pid_runtime.metadata import INPUT_NAMES
 from pid_runtime.sampler import NonFiniteError
 
-from .calibration import CalibrationError, CalibrationItem, decode, torch_velocity
+from .calibration import CalibrationError, CalibrationItem, decode
 from .fp8 import save_model
 
 DEFAULT_MIN_PSNR = 35.0
@@ -172,7 +172,9 @@ class OnnxVelocity:
         from pid_runtime.backends.onnxruntime import create_session
 
         widened = workdir / f"{Path(onnx_path).parent.name}-widened.onnx"
-        save_model(widen_model(onnx.load(str(onnx_path))), widened)
+        widened_graph = widen_model(onnx.load(str(onnx_path)))
+        save_model(widened_graph, widened)
+        del widened_graph
         try:  # Q/DQ as written (fake quantisation), not fused into ORT's integer/FP8 kernels
             self.session = create_session(widened, torch.device("cpu"), fuse_qdq=False, name=onnx_path)
         except BackendError as exc:
@@ -187,21 +189,6 @@ class OnnxVelocity:
 
 # ---------------------------------------------------------------------------
 # The guard
-
-
-def reference_images(net: torch.nn.Module, pixel_scale: int, items: Sequence[CalibrationItem], seed: int,
-                     device: torch.device, log: Log = lambda message: None) -> list[Tensor]:
-    """The float32 network's decodes of `items` (computed before the network is cast for export)."""
-    velocity = torch_velocity(net, device)
-    images = []
-    for index, item in enumerate(items):
-        log(f"float32 reference decode of {item.describe(pixel_scale)}")
-        try:
-            images.append(decode(velocity, item, pixel_scale, seed + index, device))
-        except NonFiniteError as exc:
-            raise CalibrationError(f"the float32 network produced NaN/Inf on held-out item {item.name}: "
-                                   f"{exc}") from None
-    return images
 
 
 def run_guard(fp8_onnx: Path, base_onnx: Path, base_precision: str, items: Sequence[CalibrationItem],

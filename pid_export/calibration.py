@@ -29,9 +29,10 @@ from __future__ import annotations
 
 import contextlib
 import math
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -40,7 +41,7 @@ from pid_runtime.io import CAPTION_KEYS, INPUT_SUFFIXES, InputError, as_float32,
 from pid_runtime.sampler import MAX_STEPS, NonFiniteError, draw_noise, sample
 
 from .config import PidConfig
-from .fp8 import attention_module_names, quantized_layer_names
+from .releases import Release
 
 CPU_MAX_SIDE = 512
 SYNTHETIC_ITEMS = 4
@@ -245,11 +246,14 @@ class AmaxRecorder:
                 handle.remove()
 
 
-def calibrate(net: nn.Module, cfg: PidConfig, items: Sequence[CalibrationItem], *, attention: bool = False,
-              seed: int = 0, device: torch.device | None = None, log: Log = lambda message: None) -> AmaxRecorder:
-    """Run the 4-step sampler over `items` with the float32 `net`; returns the recorded amax."""
+def calibrate(net: nn.Module, cfg: PidConfig, items: Sequence[CalibrationItem], layers: Sequence[str],
+              attention_modules: Sequence[str] = (), *, seed: int = 0, device: torch.device | None = None,
+              log: Log = lambda message: None) -> AmaxRecorder:
+    """Run the 4-step sampler over `items` with the float32 `net`; returns the amax recorded at the
+    inputs of `layers` (and the q/k/v of `attention_modules`): the ones the quantiser will quantise
+    (fp8.quantized_layer_names / attention_module_names), which the caller names."""
     device = device or torch.device("cpu")
-    recorder = AmaxRecorder(net, quantized_layer_names(net), attention_module_names(net) if attention else ())
+    recorder = AmaxRecorder(net, layers, attention_modules)
     velocity = torch_velocity(net, device)
     with recorder.recording():
         for index, item in enumerate(items):
@@ -271,11 +275,89 @@ def default_device() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
-def item_sizes(release: Any, cfg: PidConfig) -> list[tuple[int, int]]:
+def item_sizes(release: Release | None, cfg: PidConfig) -> list[tuple[int, int]]:
     """The release's trained sizes, or (custom network) its RoPE reference size."""
-    sizes = [tuple(s) for s in getattr(release, "trained_sizes", None) or []]
-    return sizes or [(cfg.rope_ref_h, cfg.rope_ref_w)]  # type: ignore[list-item]
+    sizes = [(int(h), int(w)) for h, w in release.trained_sizes] if release else []
+    return sizes or [(cfg.rope_ref_h, cfg.rope_ref_w)]
 
 
 def max_side_for(device: torch.device) -> int | None:
     return None if device.type == "cuda" else CPU_MAX_SIDE
+
+
+@dataclass(frozen=True)
+class ItemSettings:
+    """Which items calibrate and guard an FP8 export (pid-export's --calibration and FP8 options)."""
+
+    calibration_dir: Path | None = None
+    calibration_items: int = SYNTHETIC_ITEMS
+    guard_items: int = GUARD_ITEMS
+    max_side: int | None | str = "auto"  # decode size cap in px; "auto": trained sizes on a GPU, 512 on a CPU
+    guard_max_side: int | None | str = "auto"  # "auto": trained sizes on a GPU, 256 on a CPU
+    seed: int = 0
+
+
+GUARD_CPU_MAX_SIDE = 256
+
+
+def _cap(value: int | None | str, device: torch.device, cpu_default: int) -> int | None:
+    if value == "auto":
+        return None if device.type == "cuda" else cpu_default
+    return value  # type: ignore[return-value]
+
+
+def prepare_items(net_cfg: PidConfig, release: Release | None, options: ItemSettings, device: torch.device,
+                  say: Log, static_shape: tuple[int, int, int] | None = None
+                  ) -> tuple[list[CalibrationItem], list[CalibrationItem], str]:
+    """(calibration items, held-out items, where the held-out ones came from).
+
+    A static export's items are made at the trained sizes, then reshaped to its inputs."""
+    if static_shape is not None:
+        options = dataclasses.replace(options, max_side=None, guard_max_side=None)
+    calib_side = _cap(options.max_side, device, CPU_MAX_SIDE)
+    guard_side = _cap(options.guard_max_side, device, GUARD_CPU_MAX_SIDE)
+    sizes = item_sizes(release, net_cfg)
+    scale = net_cfg.pixel_scale
+    if options.calibration_dir is not None:
+        items = load_calibration_dir(options.calibration_dir, net_cfg)
+        calibration, held_out = split_held_out(items)
+        calibration = [crop_for(item, scale, calib_side) for item in calibration]
+        held_out = [crop_for(item, scale, guard_side) for item in held_out]
+        source = f"{len(held_out)} of the {len(items)} items in {options.calibration_dir}"
+        say(f"calibration: {len(calibration)} item(s) from {options.calibration_dir}")
+    else:
+        calibration = synthetic_items(net_cfg, scaled_sizes(sizes, scale, calib_side),
+                                      options.calibration_items, seed=options.seed)
+        held_out = []
+        say(f"calibration: built-in synthetic set ({len(calibration)} items with Gemma-like caption outliers); "
+            "your own latents and captions calibrate better: --calibration DIR")
+    if not held_out:
+        held_out = synthetic_items(net_cfg, scaled_sizes(sizes, scale, guard_side), options.guard_items,
+                                   seed=options.seed + 7919, prefix="held-out")
+        source = f"{len(held_out)} synthetic item(s), seeds unlike the calibration set's"
+    if device.type == "cpu" and (calib_side or guard_side):
+        say(f"no GPU: calibrating at <= {calib_side} px and guarding at <= {guard_side} px per side "
+            "(trained sizes cost ~45 TFLOP per network call)")
+    if static_shape is not None:
+        # The static export's size (latents resized by nearest) and caption length (onnx_export's: the maximum).
+        _, height, width = static_shape
+        latent_size, text_len = (height // scale, width // scale), net_cfg.txt_max_length
+        calibration, held_out = ([CalibrationItem(item.name, torch.nn.functional.interpolate(
+            item.latents, size=latent_size, mode="nearest"), item.caption[:, :text_len], item.sigma)
+            for item in items] for items in (calibration, held_out))
+    return calibration, held_out, source
+
+
+def reference_images(net: torch.nn.Module, pixel_scale: int, items: Sequence[CalibrationItem], seed: int,
+                     device: torch.device, log: Log = lambda message: None) -> list[Tensor]:
+    """The float32 network's decodes of `items` (computed before the network is cast for export)."""
+    velocity = torch_velocity(net, device)
+    images = []
+    for index, item in enumerate(items):
+        log(f"float32 reference decode of {item.describe(pixel_scale)}")
+        try:
+            images.append(decode(velocity, item, pixel_scale, seed + index, device))
+        except NonFiniteError as exc:
+            raise CalibrationError(f"the float32 network produced NaN/Inf on held-out item {item.name}: "
+                                   f"{exc}") from None
+    return images

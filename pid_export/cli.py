@@ -280,6 +280,7 @@ def _variants_of(backbone: str) -> str:
 def _fp8_options(precision, base, calibration_dir, min_psnr, max_ratio, accept_loss, attention):
     """Fp8Options for --precision fp8; the fp8-only options are refused with another precision."""
     from .accuracy_guard import GuardThresholds
+    from .calibration import ItemSettings
     from .fp8_export import Fp8Options
 
     context = click.get_current_context()
@@ -293,8 +294,8 @@ def _fp8_options(precision, base, calibration_dir, min_psnr, max_ratio, accept_l
         return None
     if calibration_dir is not None and not calibration_dir.is_dir():
         raise UsageProblem(f"--calibration {calibration_dir} is not a directory")
-    return Fp8Options(base=base, calibration_dir=calibration_dir, attention=attention,
-                      thresholds=GuardThresholds(min_psnr, max_ratio), accept_accuracy_loss=accept_loss)
+    return Fp8Options(base=base, attention=attention, thresholds=GuardThresholds(min_psnr, max_ratio),
+                      accept_accuracy_loss=accept_loss, items=ItemSettings(calibration_dir=calibration_dir))
 
 
 def main(argv: list[str] | None = None) -> None:

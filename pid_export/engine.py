@@ -249,7 +249,7 @@ def add_profiles(build: _Build, builder: Any, config: Any,
     as_built: list[dict[str, list[list[int]]]] = []
     for index, profile in enumerate(profiles):
         trt_profile = builder.create_optimization_profile()
-        for name, (low, opt, high) in profile_shapes(profile).items():
+        for name, (low, opt, high) in profile.shapes.items():
             trt_profile.set_shape(name, trt.Dims(list(low)), trt.Dims(list(opt)), trt.Dims(list(high)))
         if config.add_optimization_profile(trt_profile) < 0:
             raise build.failed(f"rejected optimization profile {index + 1} ({profile.min_hw}..{profile.max_hw})")
@@ -395,7 +395,7 @@ def _check_profiles_fit(profiles: Sequence[EngineProfile], io: Mapping[str, Any]
     the user's terms, before the library reports a profile error in its own."""
     inputs = {t["name"]: t["shape"] for t in io["inputs"]}
     for index, profile in enumerate(profiles):
-        shapes = profile_shapes(profile)
+        shapes = profile.shapes
         unknown = sorted(set(shapes) - set(inputs))
         if unknown:
             raise EngineError(f"the model has no input(s) {', '.join(unknown)}: not a PiD export")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import asdict, dataclass
+from functools import cached_property
 from typing import Any, Callable, Sequence
 
 from pid_runtime.metadata import ModelMetadata
@@ -110,6 +111,11 @@ class EngineProfile:
         low_text = self.text_length if self.min_text_length is None else self.min_text_length
         if not 1 <= low_text <= self.text_length:
             raise EngineError(f"caption length range {low_text}..{self.text_length} is empty")
+
+    @cached_property
+    def shapes(self) -> dict[str, tuple[Shape, Shape, Shape]]:
+        """Per network input: its (min, opt, max) shape (`profile_shapes`), computed once."""
+        return profile_shapes(self)
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)

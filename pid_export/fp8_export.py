@@ -20,15 +20,14 @@ from pathlib import Path
 from typing import Any
 
 import onnx
-import torch
 
 from pid_runtime.metadata import MODEL_METADATA, ONNX_NAME, ModelMetadata
 
 from . import calibration as cal
-from .accuracy_guard import GuardThresholds, reference_images, run_guard
-from .fp8 import BASE_PRECISIONS, QuantizationError, qdq_counts, quantize_onnx
+from .accuracy_guard import GuardThresholds, run_guard
+from .fp8 import (BASE_PRECISIONS, QuantizationError, attention_module_names, qdq_counts, quantize_onnx,
+                  quantized_layer_names)
 from .load_step import LoadedNetwork
-from .network import PidNet
 from .releases import Release
 from .stages import PipelineError, Stages, silent_stages
 
@@ -36,66 +35,10 @@ from .stages import PipelineError, Stages, silent_stages
 @dataclass
 class Fp8Options:
     base: str = "bf16"  # precision of everything not quantised
-    calibration_dir: Path | None = None
     attention: bool = False  # experimental FP8 attention (Q/DQ on Q, K, V)
     thresholds: GuardThresholds = field(default_factory=GuardThresholds)
     accept_accuracy_loss: bool = False
-    calibration_items: int = cal.SYNTHETIC_ITEMS
-    guard_items: int = cal.GUARD_ITEMS
-    max_side: int | None | str = "auto"  # decode size cap in px; "auto": trained sizes on a GPU, 512 on a CPU
-    guard_max_side: int | None | str = "auto"  # "auto": trained sizes on a GPU, 256 on a CPU
-    seed: int = 0
-
-
-GUARD_CPU_MAX_SIDE = 256
-
-
-def _cap(value: int | None | str, device: torch.device, cpu_default: int) -> int | None:
-    if value == "auto":
-        return None if device.type == "cuda" else cpu_default
-    return value  # type: ignore[return-value]
-
-
-def prepare_items(net: PidNet, release: Release | None, options: Fp8Options, device: torch.device, say,
-                  static_shape: tuple[int, int, int] | None = None):
-    """(calibration items, held-out items, where the held-out ones came from).
-
-    A static export's items are made at the trained sizes, then reshaped to its inputs."""
-    if static_shape is not None:
-        options = dataclasses.replace(options, max_side=None, guard_max_side=None)
-    calib_side = _cap(options.max_side, device, cal.CPU_MAX_SIDE)
-    guard_side = _cap(options.guard_max_side, device, GUARD_CPU_MAX_SIDE)
-    net_cfg = net.cfg
-    sizes = cal.item_sizes(release, net_cfg)
-    scale = net_cfg.pixel_scale
-    if options.calibration_dir is not None:
-        items = cal.load_calibration_dir(options.calibration_dir, net_cfg)
-        calibration, held_out = cal.split_held_out(items)
-        calibration = [cal.crop_for(item, scale, calib_side) for item in calibration]
-        held_out = [cal.crop_for(item, scale, guard_side) for item in held_out]
-        source = f"{len(held_out)} of the {len(items)} items in {options.calibration_dir}"
-        say(f"calibration: {len(calibration)} item(s) from {options.calibration_dir}")
-    else:
-        calibration = cal.synthetic_items(net_cfg, cal.scaled_sizes(sizes, scale, calib_side),
-                                          options.calibration_items, seed=options.seed)
-        held_out = []
-        say(f"calibration: built-in synthetic set ({len(calibration)} items with Gemma-like caption outliers); "
-            "your own latents and captions calibrate better: --calibration DIR")
-    if not held_out:
-        held_out = cal.synthetic_items(net_cfg, cal.scaled_sizes(sizes, scale, guard_side), options.guard_items,
-                                       seed=options.seed + 7919, prefix="held-out")
-        source = f"{len(held_out)} synthetic item(s), seeds unlike the calibration set's"
-    if device.type == "cpu" and (calib_side or guard_side):
-        say(f"no GPU: calibrating at <= {calib_side} px and guarding at <= {guard_side} px per side "
-            "(trained sizes cost ~45 TFLOP per network call)")
-    if static_shape is not None:
-        # The static export's size (latents resized by nearest) and caption length (onnx_export's: the maximum).
-        _, height, width = static_shape
-        latent_size, text_len = (height // scale, width // scale), net_cfg.txt_max_length
-        calibration, held_out = ([cal.CalibrationItem(item.name, torch.nn.functional.interpolate(
-            item.latents, size=latent_size, mode="nearest"), item.caption[:, :text_len], item.sigma)
-            for item in items] for items in (calibration, held_out))
-    return calibration, held_out, source
+    items: cal.ItemSettings = field(default_factory=cal.ItemSettings)  # what calibrates and guards (--calibration)
 
 
 def export_fp8(loaded: LoadedNetwork, out_dir: Path, release: Release | None, options: Fp8Options, *,
@@ -112,15 +55,19 @@ def export_fp8(loaded: LoadedNetwork, out_dir: Path, release: Release | None, op
     start = time.perf_counter()
     net, cfg = loaded.net, loaded.net.cfg
     device = cal.default_device()
+    settings = options.items
+    # The layers the quantiser will quantise are the ones calibration records.
+    layers = quantized_layer_names(net)
+    attention_modules = attention_module_names(net) if options.attention else ()
     try:
         with stages("preparing FP8 calibration data"):
-            calibration, held_out, held_source = prepare_items(net, release, options, device, stages.detail,
-                                                               static_shape)
+            calibration, held_out, held_source = cal.prepare_items(cfg, release, settings, device, stages.detail,
+                                                                   static_shape)
         with stages(f"calibrating FP8 scales on {device.type.upper()} (float32 network, 4-step decodes)"):
             net.to(device)
-            recorder = cal.calibrate(net, cfg, calibration, attention=options.attention, seed=options.seed,
+            recorder = cal.calibrate(net, cfg, calibration, layers, attention_modules, seed=settings.seed,
                                      device=device, log=stages.detail)
-            references = reference_images(net, cfg.pixel_scale, held_out, options.seed + 1000, device,
+            references = cal.reference_images(net, cfg.pixel_scale, held_out, settings.seed + 1000, device,
                                           log=stages.detail)
             net.to("cpu")
     except cal.CalibrationError as exc:
@@ -156,7 +103,7 @@ def export_fp8(loaded: LoadedNetwork, out_dir: Path, release: Release | None, op
             summary.calibration = {
                 "method": "max (amax) per tensor, 4-step decodes of the float32 network",
                 "items": [item.describe(cfg.pixel_scale) for item in calibration],
-                "source": str(options.calibration_dir) if options.calibration_dir else "synthetic",
+                "source": str(settings.calibration_dir) if settings.calibration_dir else "synthetic",
                 "device": device.type,
             }
             stages.detail(f"{len(summary.layers)} layers in FP8 ({summary.fp8_weight_bytes / 1e6:.1f} MB of FP8 "
@@ -164,7 +111,7 @@ def export_fp8(loaded: LoadedNetwork, out_dir: Path, release: Release | None, op
                           "DequantizeLinear")
         with stages("accuracy guard: FP8 and " + options.base + " graphs vs float32 on held-out inputs"):
             report = run_guard(onnx_path, base.onnx_path, options.base, held_out, references, cfg.pixel_scale,
-                               options.thresholds, options.seed + 1000, held_out=held_source, log=stages.detail)
+                               options.thresholds, settings.seed + 1000, held_out=held_source, log=stages.detail)
             stages.detail(report.summary())
             if not report.passed:
                 if not options.accept_accuracy_loss:

@@ -27,8 +27,8 @@ from .interrupts import stage_boundary
 from .network import PidNet
 from .onnx_lint import LintReport, lint_model
 from .precision import apply_precision
-from .releases import Release, variant_sides
-from .staging import ExportTransaction
+from .releases import Release, is_released, variant_sides
+from .staging import staged
 
 OPSET = 23
 TRACE_BATCH = 2  # batch 1 (like any size-1 dim) would be specialised by torch.export
@@ -133,7 +133,7 @@ def _quiet_export(net: PidNet, args: tuple, path: Path, shapes, opset: int):
         )
 
 
-def export_onnx(net: PidNet, out_dir: str | Path, precision: str = "fp32", *, release: Any = None,
+def export_onnx(net: PidNet, out_dir: str | Path, precision: str = "fp32", *, release: Release | None = None,
                 checkpoint_sha256: str | None = None, static_shape: tuple[int, int, int] | None = None,
                 opset: int = OPSET, progress: Progress | None = None,
                 require_lint_clean: bool = False, float32_residuals: bool | None = None,
@@ -153,8 +153,6 @@ def export_onnx(net: PidNet, out_dir: str | Path, precision: str = "fp32", *, re
     out_dir = Path(out_dir)
     cfg = net.cfg
     start = time.perf_counter()
-    net = apply_precision(net.eval(), precision, float32_residuals)
-
     if static_shape is not None:
         batch, height, width = static_shape
         scale = cfg.pixel_scale
@@ -166,21 +164,17 @@ def export_onnx(net: PidNet, out_dir: str | Path, precision: str = "fp32", *, re
                             text_len=cfg.txt_max_length)
         shapes = None
     else:
-        args, shapes = trace_inputs(net), dynamic_shapes(net)
+        args, shapes = trace_inputs(net), dynamic_shapes(net)  # float32 inputs, whatever the precision
 
-    if in_place:
-        metadata, lint = _write_export(net, out_dir, precision, opset, args, shapes, static_shape, release,
+    with staged(out_dir, say, in_place) as stage:
+        net = apply_precision(net.eval(), precision, float32_residuals)
+        metadata, lint = _write_export(net, stage, precision, opset, args, shapes, static_shape, release,
                                        checkpoint_sha256, require_lint_clean, say)
-    else:
-        with ExportTransaction(out_dir, say) as transaction:
-            metadata, lint = _write_export(net, transaction.stage, precision, opset, args, shapes, static_shape,
-                                           release, checkpoint_sha256, require_lint_clean, say)
-            transaction.commit()
     return ExportResult(out_dir, out_dir / ONNX_NAME, metadata, lint, time.perf_counter() - start)
 
 
 def _write_export(net: PidNet, stage: Path, precision: str, opset: int, args: tuple, shapes: Any,
-                  static_shape: tuple[int, int, int] | None, release: Any, checkpoint_sha256: str | None,
+                  static_shape: tuple[int, int, int] | None, release: Release | None, checkpoint_sha256: str | None,
                   require_lint_clean: bool, say: Progress) -> tuple[ModelMetadata, LintReport]:
     """model.onnx (+ .data) and pid_export.json into the empty directory `stage`."""
     cfg = net.cfg
@@ -206,27 +200,27 @@ def _write_export(net: PidNet, stage: Path, precision: str, opset: int, args: tu
     onnx.checker.check_model(str(onnx_path), full_check=False)
     onnx.shape_inference.infer_shapes_path(str(onnx_path), str(onnx_path))
     graph = onnx.load(str(onnx_path), load_external_data=False)
+    inputs, outputs = _io_description(graph)
+    metadata = _metadata(net, release, precision, opset, checkpoint_sha256, static_shape, inputs, outputs)
     lint = lint_model(graph, expected_attention=cfg.patch_depth + cfg.pixel_depth)
+    del graph
     if require_lint_clean and not lint.ok:
         raise ExportError(f"the exported graph is not TensorRT-ready: {'; '.join(lint.problems)} "
                           "(--allow-lint-problems exports it anyway)")
-    inputs, outputs = _io_description(graph)
-    del graph
-    metadata = _metadata(net, release, precision, opset, checkpoint_sha256, static_shape, inputs, outputs)
     metadata.save(stage / MODEL_METADATA)
     return metadata, lint
 
 
-def _metadata(net: PidNet, release: Any, precision: str, opset: int, checkpoint_sha256: str | None,
+def _metadata(net: PidNet, release: Release | None, precision: str, opset: int, checkpoint_sha256: str | None,
               static_shape: tuple[int, int, int] | None, inputs: list, outputs: list) -> ModelMetadata:
-    """`release`: a registry `Release`, or a registry-like description of a custom network (the
-    demo's: name and sizes only), or None."""
+    """`release`: a registry entry, the demo's built-in model, or None (a custom network)."""
     cfg = net.cfg
-    # Only a registry entry has a backbone and variant; the runtime reads them from here.
-    registered = release if isinstance(release, Release) else None
-    trained = [list(s) for s in getattr(release, "trained_sizes", [])]
-    min_size = list(getattr(release, "min_size", None) or []) or None
-    max_size = list(getattr(release, "max_size", None) or []) or None
+    trained = [list(s) for s in release.trained_sizes] if release else []
+    min_size = list(release.min_size) if release else None
+    max_size = list(release.max_size) if release else None
+    # Only a released checkpoint has a backbone and variant (the runtime names the release that
+    # covers a size from them); the demo's built-in model is none of the released networks.
+    registered = release if release is not None and is_released(release) else None
     # The graph's own bounds (the traced Dims of `dynamic_shapes`), whatever the release's range.
     limits = GraphLimits(max_batch=MAX_BATCH, max_latent_side=MAX_LATENT, max_patches_side=MAX_GRID)
     if static_shape is not None:
@@ -234,7 +228,7 @@ def _metadata(net: PidNet, release: Any, precision: str, opset: int, checkpoint_
         limits = GraphLimits(max_batch=static_shape[0], max_latent_side=MAX_LATENT,
                              max_patches_side=max(static_shape[1:]) // cfg.patch_size)
     return ModelMetadata(
-        release=getattr(release, "name", None),
+        release=release.name if release else None,
         latent_channels=cfg.lq_latent_channels,
         latent_down_factor=cfg.latent_spatial_down_factor,
         sr_factor=cfg.sr_scale,

@@ -281,6 +281,11 @@ def variants_of(backbone: str) -> tuple[str, ...]:
     return tuple(r.variant for r in _RELEASES if r.backbone == key)
 
 
+def is_released(release: Release) -> bool:
+    """True for an entry of the release table (not the demo's built-in model or a custom network)."""
+    return _BY_NAME.get(release.name) is release
+
+
 def variant_sides(backbone: str) -> dict[str, tuple[int, int]]:
     """{variant: (shortest, longest) trained side in px} of a backbone's releases: what an export
     records so the runtime can name the release that covers a size outside its own range."""

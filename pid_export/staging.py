@@ -204,3 +204,17 @@ class ExportTransaction:
 
 __all__ = ["ExportTransaction", "KEPT_ACROSS_EXPORTS", "StagingError", "TOOL_FILES", "check_output_dir",
            "foreign_reason", "remove_stale", "signals_deferred"]
+
+
+@contextmanager
+def staged(out_dir: Path, log: Log, in_place: bool = False) -> Iterator[Path]:
+    """The directory to write a complete export into: a stage that replaces `out_dir` when the
+    block ends without an error (`ExportTransaction`), or, `in_place`, `out_dir` itself: an
+    empty directory that the caller stages (pid-export's whole-run transaction)."""
+    if in_place:
+        yield out_dir
+        return
+    with ExportTransaction(out_dir, log) as transaction:
+        yield transaction.stage
+        transaction.commit()
+

@@ -163,12 +163,12 @@ def verify_engine(engine: Path | str, onnx_path: Path | str | None = None, *, ne
     try:
         dev = backend.device
         ref_net = net.float().to(dev).eval() if net is not None else None
-        # TensorRTBackend.bind picks the profile by shape (the nearest opt), so a point that two profiles
-        # share runs in the first one's kernels until bind can be told the point's own `profile`.
-        for label, batch, height, width, _profile in sizes:
-            inputs = verify_inputs(profiles[0], batch, height, width, seed)
+        # Each point in its own profile: where two profiles share a size, both sets of kernels run.
+        for label, batch, height, width, profile in sizes:
+            inputs = verify_inputs(profiles[profile], batch, height, width, seed)
             try:
-                backend.bind(inputs["y"], inputs["lq_latent"], inputs["degrade_sigma"], height, width)
+                backend.bind(inputs["y"], inputs["lq_latent"], inputs["degrade_sigma"], height, width,
+                             profile=profile)
                 got = backend.velocity(inputs["x"].to(dev), inputs["t"].to(dev)).float().cpu().numpy()
                 if ref_net is not None:
                     reference = "PyTorch (fp32)"

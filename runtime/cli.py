@@ -24,8 +24,8 @@ from .preflight import (LatentPlan, check_caption_header, check_latents_header, 
                         check_pipeline_latents_header, check_seed, export_size_range)
 from .sampler import MAX_STEPS, timesteps
 from .signals import Signalled, signals_as_exception
-from .sizes import canvas_size_range, output_size, parse_hw
-from .tiling import TileSetting, TilingError, parse_tile
+from .sizes import output_size, parse_hw
+from .tiling import TileSetting, TilingError, canvas_size_range, parse_tile
 
 PROG = "pid-run"
 USER_ERRORS = (BackendError, DecodeError, InputError, MetadataError)

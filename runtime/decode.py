@@ -28,9 +28,9 @@ from torch import Tensor
 from .backends.base import Backend
 from .errors import DecodeError
 from .metadata import ModelMetadata
-from .sampler import MAX_STEPS, FixedNoise, Noise, NonFiniteError, SeededNoise, num_renoise, sample
-from .sizes import SizeRange, canvas_size_range, check_graph_limits, check_output_size, output_size, supported_size_range
-from .tiling import TiledVelocity, TilePlan, TileSetting, TilingError, choose_plan, decode_budget
+from .sampler import MAX_STEPS, FixedNoise, Noise, NonFiniteError, PerItemNoise, SeededNoise, num_renoise, sample
+from .sizes import SizeRange, check_graph_limits, check_output_size, output_size, supported_size_range
+from .tiling import TiledVelocity, TilePlan, TileSetting, TilingError, canvas_size_range, choose_plan, decode_budget
 
 PATCH_SIZE = 16  # SPEC: every released network; a custom export's own value is in its metadata
 
@@ -234,7 +234,7 @@ def decode(backend: Backend, latents: Tensor, caption: Tensor, sigma: float | Se
     """Decode `latents` [B,C,h,w] to images float32 [B,3,H,W] in [-1,1] (on the CPU).
 
     `seeds` (one per item) gives each item its own noise, drawn as a decode of that item
-    alone with its seed draws it (`pid_runtime.batching.PerItemNoise`): an item's image then
+    alone with its seed draws it (`pid_runtime.sampler.PerItemNoise`): an item's image then
     does not depend on its batch-mates. Without it, `seed` is the whole batch's reference noise.
 
     `size` = (H, W), multiples of 16 near the latent's aspect ratio; default its native size.
@@ -272,8 +272,6 @@ def decode(backend: Backend, latents: Tensor, caption: Tensor, sigma: float | Se
         source = FixedNoise(inputs.noise, inputs.eps[: num_renoise(steps)])
         used_seed = None
     elif seeds is not None:
-        from .batching import PerItemNoise
-
         if len(seeds) != inputs.batch:
             raise DecodeError(f"{len(seeds)} seeds for {inputs.batch} latents: give one seed per item")
         source = PerItemNoise(shape, seeds, device)

@@ -21,14 +21,9 @@ ENGINE_NAME = "engine.plan"
 EMPTY_CAPTION_NAME = "empty_caption.npy"
 
 # The network's tensors are declared in signature.py; their names are re-exported here.
-from .signature import INPUT_NAMES, OUTPUT_NAMES  # noqa: E402  (after the file-name constants)
-
-
-class MetadataError(ValueError):
-    pass
-
-
-PRECISIONS = ("fp32", "fp16", "bf16", "fp8", "unknown")
+from .signature import INPUT_NAMES, OUTPUT_NAMES  # noqa: E402, F401  (re-exported; after the file-name constants)
+# The per-field checks (and the error they raise) are the schema's; re-exported here.
+from .metadata_schema import PRECISIONS, MetadataError, check_model_metadata, plain_file_name  # noqa: E402, F401
 
 
 @dataclass
@@ -47,15 +42,6 @@ class GraphLimits:
 
 # Exports made before the limits were recorded were all traced with these bounds.
 LEGACY_GRAPH_LIMITS = GraphLimits(max_batch=64, max_latent_side=1024, max_patches_side=1024)
-
-
-def plain_file_name(value: Any, field_name: str, path: Path | str) -> str:
-    """A sidecar's file name must be a plain name inside the export directory (no '/', no '..')."""
-    if not isinstance(value, str) or not value or value in (".", "..") or "/" in value or "\\" in value \
-            or value.startswith("~") or "\0" in value:
-        raise MetadataError(f"{path}: field '{field_name}' must be a plain file name inside the export directory, "
-                            f"got {value!r}")
-    return value
 
 
 @dataclass
@@ -121,8 +107,6 @@ class ModelMetadata:
         if not isinstance(data, dict):
             raise MetadataError(f"model metadata {path} is not a JSON object")
         known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
-        from .metadata_schema import check_model_metadata  # the per-field checks
-
         check_model_metadata(known, path)
         if isinstance(known.get("graph_limits"), dict):
             known["graph_limits"] = GraphLimits(**known["graph_limits"])

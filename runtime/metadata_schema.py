@@ -9,7 +9,22 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable
 
-from .metadata import PRECISIONS, MetadataError, plain_file_name
+
+class MetadataError(ValueError):
+    pass
+
+
+PRECISIONS = ("fp32", "fp16", "bf16", "fp8", "unknown")
+
+
+def plain_file_name(value: Any, field_name: str, path: Path | str) -> str:
+    """A sidecar's file name must be a plain name inside the export directory (no '/', no '..')."""
+    if not isinstance(value, str) or not value or value in (".", "..") or "/" in value or "\\" in value \
+            or value.startswith("~") or "\0" in value:
+        raise MetadataError(f"{path}: field '{field_name}' must be a plain file name inside the export directory, "
+                            f"got {value!r}")
+    return value
+
 
 Check = Callable[[Any], str | None]  # None: fine; else what the value should be
 

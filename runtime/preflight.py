@@ -16,12 +16,12 @@ from typing import Callable
 import numpy as np
 
 from .errors import DecodeError
-from .tiling import TileSetting
+from .tiling import TileSetting, canvas_size_range
 from .headers import ArrayHeader, check_float, pick_header, read_headers
 from .io import CAPTION_KEYS, LATENT_KEYS, InputError, check_noise_suffix, noise_keys
 from .metadata import ModelMetadata
 from .sampler import num_renoise
-from .sizes import canvas_size_range, check_graph_limits, check_output_size
+from .sizes import check_graph_limits, check_output_size
 
 SEED_RANGE = (-(1 << 63), (1 << 64) - 1)  # what torch.Generator.manual_seed takes
 TENSORRT_SUFFIXES = (".plan", ".engine")

@@ -203,6 +203,37 @@ class SeededNoise(Noise):
         self._at = position
 
 
+class PerItemNoise(Noise):
+    """Noise for a batch where item i has its own seed: item i's draws are those of a batch-1
+    `SeededNoise(seed_i)`, whatever the batch around it."""
+
+    def __init__(self, shape: Sequence[int], seeds: Sequence[int], device: torch.device | str):
+        self.shape = tuple(int(d) for d in shape)
+        if len(seeds) != self.shape[0]:
+            raise ValueError(f"{len(seeds)} seeds for a batch of {self.shape[0]}")
+        self.items = [SeededNoise((1, *self.shape[1:]), int(seed), device) for seed in seeds]
+        self.device = self.items[0].device if self.items else torch.device(device)
+
+    @classmethod
+    def _of(cls, shape: tuple[int, ...], items: list[SeededNoise]) -> "PerItemNoise":
+        noise = cls.__new__(cls)
+        noise.shape, noise.items, noise.device = shape, items, items[0].device
+        return noise
+
+    def initial(self, out: Tensor) -> None:
+        for index, item in enumerate(self.items):
+            item.initial(out[index:index + 1])
+
+    def eps(self, index: int, out: Tensor) -> None:
+        for row, item in enumerate(self.items):
+            item.eps(index, out[row:row + 1])
+
+    def rows(self, lo: int, hi: int) -> Noise:
+        if not 0 <= lo < hi <= len(self.items):
+            raise ValueError(f"rows {lo}..{hi} are outside the batch of {len(self.items)}")
+        return PerItemNoise._of((hi - lo, *self.shape[1:]), self.items[lo:hi])
+
+
 class _Rows(Noise):
     """Items lo..hi-1 of a SeededNoise."""
 

@@ -16,7 +16,6 @@ from .metadata import ModelMetadata
 
 if TYPE_CHECKING:  # types only: the HxW parser is imported by modules that load no backend
     from .backends.base import Backend
-    from .tiling import TileSetting
 
 SizeRange = tuple[tuple[int, int], tuple[int, int]]  # ((min H, min W), (max H, max W))
 
@@ -77,14 +76,6 @@ def supported_size_range(backend: "Backend") -> tuple[SizeRange | None, str]:
     if meta.min_size is None or meta.max_size is None:
         return None, "export"
     return ((int(meta.min_size[0]), int(meta.min_size[1])), (int(meta.max_size[0]), int(meta.max_size[1]))), "export"
-
-
-def canvas_size_range(size_range: SizeRange | None, tile: "TileSetting") -> SizeRange | None:
-    """The range the whole canvas must fit: when it may be tiled, tiles
-    (not the canvas) must fit the model's range, so only the smallest size still applies."""
-    if size_range is None or tile is None or tile == "off":
-        return size_range
-    return (size_range[0], (1 << 30, 1 << 30))
 
 
 def _check_requested_size(meta: ModelMetadata, height: int, width: int, latent_hw: tuple[int, int],
@@ -163,5 +154,5 @@ def check_graph_limits(meta: ModelMetadata, latent_hw: Sequence[int], height: in
                           f"(at most {top} px per side: {limits.max_patches_side} patches of {patch} px)")
 
 
-__all__ = ["ASPECT_SLACK_CELLS", "SizeRange", "aspect_ratio_range", "canvas_size_range", "check_graph_limits",
+__all__ = ["ASPECT_SLACK_CELLS", "SizeRange", "aspect_ratio_range", "check_graph_limits",
            "check_output_size", "native_size", "output_size", "parse_hw", "supported_size_range"]

@@ -47,6 +47,14 @@ TileSetting = Union[str, tuple[int, int], tuple[int, int, int], None]  # "auto" 
 DEFAULT_OVERLAP = 256  # px; capped at a quarter of the tile side
 
 
+def canvas_size_range(size_range: SizeRange | None, tile: TileSetting) -> SizeRange | None:
+    """The range the whole canvas must fit: when it may be tiled, tiles
+    (not the canvas) must fit the model's range, so only the smallest size still applies."""
+    if size_range is None or tile is None or tile == "off":
+        return size_range
+    return (size_range[0], (1 << 30, 1 << 30))
+
+
 class TilingError(ValueError):
     """A tile setting this model or canvas cannot take (the message says what would)."""
 
@@ -343,5 +351,5 @@ def default_overlap(tile: tuple[int, int], quantum: int) -> int:
     return max(min(DEFAULT_OVERLAP, min(tile) // 4) // 16 * 16, 0)
 
 
-__all__ = ["Budget", "DEFAULT_OVERLAP", "choose_plan", "decode_budget", "default_overlap", "LatentCrops", "Tile", "TilePlan", "TiledVelocity", "TileSetting", "TilingError",
+__all__ = ["Budget", "DEFAULT_OVERLAP", "canvas_size_range", "choose_plan", "decode_budget", "default_overlap", "LatentCrops", "Tile", "TilePlan", "TiledVelocity", "TileSetting", "TilingError",
            "axis_starts", "axis_windows", "parse_tile", "plan_tiles", "tile_quantum"]

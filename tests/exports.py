@@ -53,10 +53,10 @@ CASES = tuple(GOLDEN_CASES)
 POOL_SIZE = 2
 
 # The modules that decide what an export contains (the rest of pid_export does not): the exporter,
-# the network and its config, the precision policy, the lint whose report the export records, and
-# the metadata file format.
-SOURCE_FILES = ("pid_export/onnx_export.py", "pid_export/network.py", "pid_export/config.py",
-                "pid_export/precision.py", "pid_export/onnx_lint.py", "runtime/metadata.py")
+# the network and its config, the declaration of its inputs, the precision policy, the lint whose
+# report the export records, the release table (backbone, variant sides) and the metadata file format.
+SOURCE_FILES = ("pid_export/onnx_export.py", "pid_export/network.py", "pid_export/config.py", "runtime/signature.py",
+                "pid_export/releases.py", "pid_export/precision.py", "pid_export/onnx_lint.py", "runtime/metadata.py")
 
 _cache_root: Path | None = None
 # Entries this process handed out, with their files as they were: checked when the session ends.

@@ -19,11 +19,12 @@ import torch
 
 from conftest import golden_net, golden_tensors, rel_err
 from exports import export_root, shared_export  # noqa: F401 (fixture)
-from pid_export.accuracy_guard import GuardThresholds, OnnxVelocity, reference_images, run_guard
-from pid_export.calibration import CalibrationItem, calibrate, synthetic_items
+from pid_export.accuracy_guard import GuardThresholds, OnnxVelocity, run_guard
+from pid_export.calibration import CalibrationItem, calibrate, reference_images, synthetic_items
 from pid_export.cli import main as pid_export_main
 from pid_export.fp8 import (
     FP8_DEFAULT_TARGETS,
+    attention_module_names,
     fp8_targets_problem,
     graph_layers,
     is_quantized_layer,
@@ -117,7 +118,7 @@ def static_base(tmp_path_factory, export_root):  # noqa: F811
     reference = golden_net(CASE)
     cfg = reference.cfg
     calibration = synthetic_items(cfg, [STATIC_HW], 3, seed=0)
-    recorder = calibrate(reference, cfg, calibration)
+    recorder = calibrate(reference, cfg, calibration, quantized_layer_names(reference))
     text_len = cfg.txt_max_length  # a static export's caption length (onnx_export)
     held_out = [CalibrationItem(i.name, i.latents, i.caption[:, :text_len])
                 for i in synthetic_items(cfg, [STATIC_HW], 2, seed=99, prefix="held-out")]
@@ -156,7 +157,8 @@ def test_guard_passes_calibrated_and_fails_scales_off_by_1000x(static_base):
 def test_experimental_fp8_attention_quantises_q_k_v(static_base, tmp_path):
     root, base_onnx, _, held_out, references, cfg = static_base
     net = golden_net(CASE)
-    recorder = calibrate(net, cfg, synthetic_items(cfg, [STATIC_HW], 2, seed=5), attention=True)
+    recorder = calibrate(net, cfg, synthetic_items(cfg, [STATIC_HW], 2, seed=5), quantized_layer_names(net),
+                         attention_module_names(net))
     assert len(recorder.attention) == cfg.patch_depth + cfg.pixel_depth
     fp8_onnx = tmp_path / "model.onnx"
     summary = quantize_onnx(base_onnx, fp8_onnx, recorder.amax, "bf16", recorder.attention)

@@ -844,6 +844,34 @@ def test_verify_engine_against_pytorch(tiny_engine):
 
 @pytest.mark.tensorrt
 @needs_engine_gpu
+def test_verify_runs_a_size_two_profiles_share_in_each_of_them(export_root, tmp_path):  # noqa: F811
+    from pid_export.engine import build_engine
+    from pid_export.verify import require_passed, verify_engine, verify_inputs
+
+    net, _ = _golden_net_and_tensors()
+    out = tmp_path / "export"
+    shutil.copytree(export_cases([CASE], export_root)[CASE], out)
+    small = EngineProfile.for_config(net.cfg, (32, 32), (64, 64), (96, 96))
+    large = EngineProfile.for_config(net.cfg, (32, 32), (128, 128), (160, 160))  # shares its min, 32x32
+    build_engine(out / "model.onnx", out, [small, large], log=lambda m: None)
+    results = verify_engine(out, net=net, log=lambda m: None)
+    assert [r.label for r in results] == [f"{p} of profile {i}" for i in (1, 2) for p in ("min", "opt", "max")]
+    require_passed(results)
+    backend = TensorRTBackend(out / "engine.plan")
+
+    def bind(height: int, width: int, profile: int) -> None:
+        inputs = verify_inputs(large.to_dict(), 1, height, width)
+        backend.bind(inputs["y"].cuda(), inputs["lq_latent"].cuda(), inputs["degrade_sigma"].cuda(), height, width,
+                     profile=profile)
+
+    with pytest.raises(BackendError, match="optimization profile 1: output size 128x128 is outside"):
+        bind(128, 128, profile=0)  # profile 2's opt, beyond profile 1
+    bind(32, 32, profile=1)
+    backend.close()
+
+
+@pytest.mark.tensorrt
+@needs_engine_gpu
 def test_fp32_engine_verifies_against_onnx_runtime_and_weightless_plan_refits(export_root, tmp_path):  # noqa: F811
     from pid_export.engine import build_engine
     from pid_export.verify import verify_engine

@@ -15,8 +15,9 @@ from typing import Callable
 
 import torch
 
-from ..metadata import ENGINE_NAME, MODEL_METADATA, ONNX_NAME, MetadataError, ModelMetadata
-from .base import Backend, BackendError
+from ..metadata import ENGINE_NAME, ONNX_NAME
+# The helpers every backend uses live with the interface (base.py), not in this factory.
+from .base import Backend, BackendError, load_model_metadata, resolve_device
 
 TENSORRT_SUFFIXES = (".plan", ".engine")
 ONNX_SUFFIXES = (".onnx",)
@@ -53,38 +54,6 @@ def resolve_model_path(path: str | os.PathLike[str], trt: str | None = None,
     if not path.is_file():
         raise BackendError(f"model file {path} does not exist")
     return path
-
-
-def load_model_metadata(model_path: str | os.PathLike[str]) -> ModelMetadata:
-    """The metadata sidecar next to a model file; a clear BackendError when it is missing."""
-    sidecar = Path(model_path).parent / MODEL_METADATA
-    if not sidecar.is_file():
-        raise BackendError(f"{model_path} has no {MODEL_METADATA} beside it: keep the model in the "
-                           "directory pid-export wrote (the runtime needs that metadata)")
-    try:
-        return ModelMetadata.load(sidecar)
-    except MetadataError as exc:
-        raise BackendError(str(exc)) from None
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """`None`/"auto": the current CUDA device when torch sees one, else the CPU."""
-    if device is None or str(device) == "auto":
-        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-    try:
-        resolved = torch.device(device)
-    except (RuntimeError, ValueError):
-        raise BackendError(f"unknown device {device!r}: use auto, cpu, cuda or cuda:N") from None
-    if resolved.type not in ("cpu", "cuda"):
-        raise BackendError(f"unsupported device {device!r}: use auto, cpu, cuda or cuda:N")
-    if resolved.type == "cuda":
-        if not torch.cuda.is_available():
-            raise BackendError(f"device {device} requested but torch sees no CUDA GPU")
-        if resolved.index is None:
-            resolved = torch.device("cuda", torch.cuda.current_device())
-        elif resolved.index >= torch.cuda.device_count():
-            raise BackendError(f"device {device} requested but only {torch.cuda.device_count()} CUDA GPU(s) exist")
-    return resolved
 
 
 def preflight(path: str | os.PathLike[str], trt: str | None = None,

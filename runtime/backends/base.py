@@ -13,6 +13,7 @@ mean "nothing special", so the decode never probes for attributes:
 
 from __future__ import annotations
 
+import os
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Sequence
@@ -20,7 +21,7 @@ from typing import TYPE_CHECKING, Callable, Sequence
 import torch
 from torch import Tensor
 
-from ..metadata import ModelMetadata
+from ..metadata import MODEL_METADATA, MetadataError, ModelMetadata
 from ..sampler import MAX_STEPS, sample
 from ..signature import Shape
 
@@ -81,3 +82,35 @@ class Backend(ABC):
     def close(self) -> None:
         """Release what `bind` allocated. The backend stays usable: a later `bind` allocates again
         (so a decoder used in `with` can be used again); the model itself is kept."""
+
+
+def load_model_metadata(model_path: str | os.PathLike[str]) -> ModelMetadata:
+    """The metadata sidecar next to a model file; a clear BackendError when it is missing."""
+    sidecar = Path(model_path).parent / MODEL_METADATA
+    if not sidecar.is_file():
+        raise BackendError(f"{model_path} has no {MODEL_METADATA} beside it: keep the model in the "
+                           "directory pid-export wrote (the runtime needs that metadata)")
+    try:
+        return ModelMetadata.load(sidecar)
+    except MetadataError as exc:
+        raise BackendError(str(exc)) from None
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """`None`/"auto": the current CUDA device when torch sees one, else the CPU."""
+    if device is None or str(device) == "auto":
+        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise BackendError(f"unknown device {device!r}: use auto, cpu, cuda or cuda:N") from None
+    if resolved.type not in ("cpu", "cuda"):
+        raise BackendError(f"unsupported device {device!r}: use auto, cpu, cuda or cuda:N")
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise BackendError(f"device {device} requested but torch sees no CUDA GPU")
+        if resolved.index is None:
+            resolved = torch.device("cuda", torch.cuda.current_device())
+        elif resolved.index >= torch.cuda.device_count():
+            raise BackendError(f"device {device} requested but only {torch.cuda.device_count()} CUDA GPU(s) exist")
+    return resolved

@@ -25,8 +25,7 @@ from torch import Tensor
 from ..errors import first_line
 from ..metadata import INPUT_NAMES, OUTPUT_NAMES
 from ..signals import cancel_on_signal
-from . import load_model_metadata, resolve_device
-from .base import Backend, BackendError
+from .base import Backend, BackendError, load_model_metadata, resolve_device
 
 CUDA_PROVIDER = "CUDAExecutionProvider"
 # Largest widened model handed to ONNX Runtime as bytes (protobuf's limit is 2 GiB); larger

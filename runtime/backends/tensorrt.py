@@ -26,7 +26,6 @@ backend stays usable, the next `bind()` allocates again (as ONNX Runtime's does)
 from __future__ import annotations
 
 import functools
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence, TypeVar
 
@@ -282,14 +281,27 @@ class TensorRTBackend(Backend):
 
     # -- binding ----------------------------------------------------------
     @on_own_device
-    def bind(self, y: Tensor, lq_latent: Tensor, degrade_sigma: Tensor, height: int, width: int) -> None:
+    def bind(self, y: Tensor, lq_latent: Tensor, degrade_sigma: Tensor, height: int, width: int, *,
+             profile: int | None = None) -> None:
+        """The per-decode inputs, in the optimization profile whose opt is nearest (`select_profile`),
+        or in `profile` (an index) when given: verify runs each profile at its own min, opt and max,
+        also where two profiles share a size."""
         # The inputs given keep their own shapes (the profile check names a mismatch); x and t
         # follow from the batch and the output size.
         given = {"y": y, "lq_latent": lq_latent, "degrade_sigma": degrade_sigma}
         sizes = {"batch": int(lq_latent.shape[0]), "channels": IMAGE_CHANNELS, "height": height, "width": width}
         shapes: dict[str, Shape] = {spec.name: tuple(int(d) for d in given[spec.name].shape) if spec.name in given
                                     else spec.shape(sizes) for spec in INPUTS}
-        profile = select_profile(shapes, self._profiles)
+        if profile is None:
+            profile = select_profile(shapes, self._profiles)
+        else:
+            if not 0 <= profile < len(self._profiles):
+                raise BackendError(f"the engine has {len(self._profiles)} optimization profile(s); there is no "
+                                   f"profile {profile + 1}")
+            chosen = {name: (low, high) for name, (low, _opt, high) in self._profiles[profile].items()}
+            problem = profile_violation(shapes, chosen)
+            if problem is not None:
+                raise BackendError(f"optimization profile {profile + 1}: {problem}")
         key = (profile, *(shapes[name] for name in INPUT_NAMES))
         if key != self._shape_key:
             self._allocate(profile, shapes)
