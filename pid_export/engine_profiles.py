@@ -6,11 +6,11 @@ One `EngineProfile` per optimization profile, from the export's metadata and the
 
 from __future__ import annotations
 
-import re
 from dataclasses import asdict, dataclass
 from functools import cached_property
 from typing import Any, Callable, Sequence
 
+from pid_runtime import sizes
 from pid_runtime.metadata import ModelMetadata
 from pid_runtime.signature import INPUT_NAMES, input_shapes
 
@@ -26,11 +26,11 @@ HW = tuple[int, int]
 
 
 def parse_hw(text: str) -> HW:
-    """'2048x1536' (height x width) -> (2048, 1536)."""
-    match = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", text)
-    if match is None:
-        raise EngineError(f"size {text!r} is not HEIGHTxWIDTH, e.g. 2048x2048")
-    return int(match.group(1)), int(match.group(2))
+    """'2048x1536' (height x width) -> (2048, 1536): the runtime's one parser, as an EngineError."""
+    try:
+        return sizes.parse_hw(text)
+    except ValueError as exc:
+        raise EngineError(f"size {exc}") from None
 
 
 def _hw(value: Sequence[int]) -> HW:

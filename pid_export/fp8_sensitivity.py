@@ -21,6 +21,8 @@ from typing import Iterator, Sequence
 import torch
 from torch import Tensor, nn
 
+from pid_runtime.sizes import parse_hw
+
 from .calibration import AmaxRecorder, CalibrationItem, decode, synthetic_items, torch_velocity
 from .fp8 import FP8_MAX, quantized_layer_names
 from .accuracy_guard import psnr, rel_error
@@ -107,7 +109,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--size", default="256x256", help="HxW of the decodes")
     parser.add_argument("--items", type=int, default=2)
     args = parser.parse_args(argv)
-    height, width = (int(v) for v in args.size.lower().split("x"))
+    try:
+        height, width = parse_hw(args.size)
+    except ValueError as exc:
+        parser.error(f"--size: {exc}")
     if args.golden:
         from .checkpoints import load_checkpoint
 

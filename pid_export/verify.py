@@ -21,11 +21,12 @@ import numpy as np
 import torch
 
 from pid_runtime.backends.base import BackendError, OutOfDeviceMemory
+from pid_runtime.backends.onnxruntime import create_session, session_device
 from pid_runtime.backends.tensorrt import TensorRTBackend
 from pid_runtime.engine_metadata import EngineMetadata
 from pid_runtime.trt_plan import engine_metadata_path
 from pid_runtime.metadata import ENGINE_NAME, MODEL_METADATA, ModelMetadata
-from pid_runtime.signature import INPUT_NAMES, input_shapes
+from pid_runtime.signature import INPUT_NAMES, OUTPUT_NAMES, input_shapes
 
 from .engine import EngineError
 
@@ -224,13 +225,13 @@ def verify_inputs(prof: Mapping[str, Any], batch: int, height: int, width: int,
 
 
 def _run_onnxruntime(onnx_file: Path, feeds: Mapping[str, np.ndarray]) -> np.ndarray:
-    import onnxruntime as ort
-
-    wanted = ("CUDAExecutionProvider", "CPUExecutionProvider")
-    providers = [p for p in wanted if p in ort.get_available_providers()]
+    """The reference velocity from ONNX Runtime (the runtime's one session set-up, on the GPU when
+    its provider is there)."""
     try:
-        session = ort.InferenceSession(str(onnx_file), providers=providers)
-        (out,) = session.run(["velocity"], dict(feeds))
+        session = create_session(onnx_file, session_device("auto"), name=onnx_file)
+        (out,) = session.run(list(OUTPUT_NAMES), dict(feeds))
+    except BackendError as exc:
+        raise EngineError(f"ONNX Runtime could not run {onnx_file} as the reference: {exc}") from None
     except Exception as exc:  # ORT raises its own exception types for unsupported ops/types
         raise EngineError(f"ONNX Runtime could not run {onnx_file} as the reference "
                           f"(a bf16 graph needs the CUDA provider; pass the fp32 export or net=): "
