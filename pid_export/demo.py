@@ -63,10 +63,10 @@ def _cached_default_checkpoint() -> Path | None:
 
 def _engine_runs_here(library: str | None) -> bool:
     """Whether an engine built here could also run here (then the demo verifies it)."""
-    from .engine_plan import EngineError, build_target, why_engines_cannot_run_here
+    from .engine_plan import EngineError, build_target
 
     try:
-        return why_engines_cannot_run_here(build_target(library).library) is None
+        return build_target(library).why_it_cannot_run_here() is None
     except EngineError:
         return False
 
@@ -122,7 +122,7 @@ def _run_builtin(out_dir: Path, log: Callable[[str], None], size: tuple[int, int
     from pid_runtime.io import write_output
     from pid_runtime.metadata import EMPTY_CAPTION_NAME
 
-    from .engine_plan import library_line, plan_engine, why_engines_cannot_run_here
+    from .engine_plan import library_line, plan_engine
     from .engine_step import build_and_verify
     from .load_step import LoadedNetwork
     from .network import PidNet
@@ -141,7 +141,7 @@ def _run_builtin(out_dir: Path, log: Callable[[str], None], size: tuple[int, int
     log(f"the built-in model: {count / 1e6:.1f} M parameters, exported with dynamic shapes")
     plan = plan_engine(ExportRequest(network=cfg, out_dir=out_dir, release=DEMO_RELEASE, precision="fp32",
                                      engine=EngineOptions(library=library)), log)
-    if plan is not None and why_engines_cannot_run_here(plan.library, plan.target.asked_targets) is None:
+    if plan is not None and plan.target.why_it_cannot_run_here() is None:
         # It runs here, so it is checked: the network stays float32 (an fp32 export), the reference.
         plan = dataclasses.replace(plan, verify=True)
     stages = Stages(log)

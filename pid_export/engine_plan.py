@@ -117,6 +117,10 @@ class BuildTarget:
         """The targets the user (or FP8) chose; None when the library's defaults apply."""
         return None if self.source == LIBRARY_DEFAULT else self.compute_capabilities
 
+    def why_it_cannot_run_here(self) -> str | None:
+        """Why the engine this target builds cannot run on the current CUDA device, or None."""
+        return why_engines_cannot_run_here(self.library, self.asked_targets)
+
 
 def build_target(library: str | None = None, compute_capabilities: Sequence[str] | None = None,
                  strip_weights: bool = False) -> BuildTarget:
@@ -232,7 +236,7 @@ def check_engine_options(options: EngineOptions, precision: str | None = None,
         if problem is not None:
             raise PipelineError(problem)
     if options.verify:
-        why = why_engines_cannot_run_here(target.library, target.asked_targets)
+        why = target.why_it_cannot_run_here()
         if why is not None:
             raise PipelineError(f"--verify runs the engine, and it cannot run here: {why}. Build without --verify "
                                 f"here and check the engine where it runs (pid-export --verify on that GPU)")

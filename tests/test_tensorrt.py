@@ -24,7 +24,7 @@ import pytest
 import torch
 
 from conftest import GOLDEN, golden_net, golden_tensors, rel_err
-from exports import export_cases, export_root  # noqa: F401 (fixture)
+from exports import export_root, private_export  # noqa: F401 (fixture)
 from pid_export import PidConfig
 from pid_export.engine import (
     EngineError,
@@ -566,6 +566,8 @@ def test_build_targets_cpu_only_and_restricted_for_hardware_specific_graphs():
     default = build_target("rtx")
     assert (default.compute_capabilities, default.source, default.on_gpu) == (
         ("8.0", "8.6", "8.9", "12.0+"), "library default", False)
+    # What the demo and --verify ask before any work: no GPU here, so no engine of any target runs here.
+    assert default.why_it_cannot_run_here() == "TensorRT-RTX runs engines on a CUDA GPU and none is visible"
     fp8 = build_target("rtx", ("8.9", "12.0"))
     assert (fp8.rtx_targets, fp8.source) == (("SM89", "SM120"), "--compute-capability")
     # FP8 (what the export checks before any work): Ada + Blackwell by default, older targets refused.
@@ -713,18 +715,23 @@ def _golden_net_and_tensors():
 @pytest.fixture(scope="module", params=["bf16", "fp16"])
 def tiny_engine(request, export_root, tmp_path_factory):  # noqa: F811
     """(precision, dir with engine.plan) for the golden case (cached export), profile 32x32 .. 128x128, batch 1..2."""
-    from pid_export.engine import build_engine
-
     if not TRT_USABLE:
         pytest.skip(f"needs a TensorRT library and a CUDA GPU that runs its engines: {TRT_REASON}")
     precision = request.param
-    source = export_cases([CASE], export_root, precision=precision)[CASE]
-    out = tmp_path_factory.mktemp(f"engine-{precision}") / "export"
-    shutil.copytree(source, out)
     cfg = PidConfig.from_dict(json.loads((GOLDEN / f"{CASE}.json").read_text())["network"])
     profile = EngineProfile.for_config(cfg, (32, 32), (64, 96), (128, 128), max_batch=2, min_text_length=1)
-    build_engine(out / "model.onnx", out, profile, workspace_gb=2, log=lambda m: None)
+    out = _export_with_engine(tmp_path_factory.mktemp(f"engine-{precision}") / "export", profile, precision,
+                              workspace_gb=2)
     return precision, out
+
+
+def _export_with_engine(dest: Path, profiles, precision: str = "fp32", **options) -> Path:
+    """A private copy of CASE's shared export at `dest`, with an engine of `profiles` built into it."""
+    from pid_export.engine import build_engine
+
+    out = private_export(CASE, dest, precision)
+    build_engine(out / "model.onnx", out, profiles, log=lambda m: None, **options)
+    return out
 
 
 def _bind_golden(backend: TensorRTBackend, g: dict) -> None:
@@ -845,15 +852,12 @@ def test_verify_engine_against_pytorch(tiny_engine):
 @pytest.mark.tensorrt
 @needs_engine_gpu
 def test_verify_runs_a_size_two_profiles_share_in_each_of_them(export_root, tmp_path):  # noqa: F811
-    from pid_export.engine import build_engine
     from pid_export.verify import require_passed, verify_engine, verify_inputs
 
     net, _ = _golden_net_and_tensors()
-    out = tmp_path / "export"
-    shutil.copytree(export_cases([CASE], export_root)[CASE], out)
     small = EngineProfile.for_config(net.cfg, (32, 32), (64, 64), (96, 96))
     large = EngineProfile.for_config(net.cfg, (32, 32), (128, 128), (160, 160))  # shares its min, 32x32
-    build_engine(out / "model.onnx", out, [small, large], log=lambda m: None)
+    out = _export_with_engine(tmp_path / "export", [small, large])
     results = verify_engine(out, net=net, log=lambda m: None)
     assert [r.label for r in results] == [f"{p} of profile {i}" for i in (1, 2) for p in ("min", "opt", "max")]
     require_passed(results)
@@ -873,14 +877,11 @@ def test_verify_runs_a_size_two_profiles_share_in_each_of_them(export_root, tmp_
 @pytest.mark.tensorrt
 @needs_engine_gpu
 def test_fp32_engine_verifies_against_onnx_runtime_and_weightless_plan_refits(export_root, tmp_path):  # noqa: F811
-    from pid_export.engine import build_engine
     from pid_export.verify import verify_engine
 
     net, g = _golden_net_and_tensors()
-    out = tmp_path / "export"
-    shutil.copytree(export_cases([CASE], export_root)[CASE], out)
     profile = EngineProfile.for_config(net.cfg, (32, 32), (64, 96), (128, 128))
-    build_engine(out / "model.onnx", out, profile, strip_weights=True, log=lambda m: None)
+    out = _export_with_engine(tmp_path / "export", profile, strip_weights=True)
     assert json.loads((out / "engine.json").read_text())["stripped"] is True
     results = verify_engine(out, log=lambda m: None)  # ONNX Runtime on model.onnx
     assert all(r.reference.startswith("ONNX Runtime") and r.rel_error < TOLERANCE["fp32"] for r in results)
